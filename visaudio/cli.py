@@ -1,0 +1,225 @@
+"""The `visaudio` command. Subcommands import their packages lazily so `--help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_SCENE = Path(__file__).resolve().parent.parent / "training" / "scenes" / "demo.json"
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_scene(args) -> int:
+    from training.clips import write_clip
+    from training.render import render_scene
+    from training.sampler import random_scene
+    from training.scene_spec import SceneSpecError, load_scene, parse_scene
+
+    if (args.spec is None) == (args.seed is None):
+        return _fail("give either a scene file SPEC.json or --seed N")
+    try:
+        spec = load_scene(args.spec) if args.spec else parse_scene(
+            random_scene(args.seed, duration=args.duration, num_sources=args.sources))
+        rendered = render_scene(spec)
+    except (SceneSpecError, ValueError) as exc:  # nothing has been written yet
+        return _fail(str(exc))
+    out = write_clip(args.out, rendered.frames, spec.fps, rendered.audio, spec.sample_rate,
+                     rendered.pose, rendered.meta)
+    print(f"wrote {out}/ (clip.mp4, binaural.wav, pose.jsonl, meta.json): "
+          f"{spec.duration:g} s, {len(spec.sources)} source(s)")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from training.data import build_dataset
+
+    index = build_dataset(args.out, args.count, jobs=args.jobs, seed=args.seed, duration=args.duration)
+    print(f"wrote {index}")
+    return 0
+
+
+def _read_wav(path: str):
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(path, dtype="float64", always_2d=True)
+    except Exception as exc:  # soundfile raises several types for unreadable files
+        raise ValueError(f"{path}: cannot read ({exc})") from exc
+    if data.shape[1] != 2:
+        raise ValueError(f"{path}: has {data.shape[1]} channel(s), expected 2 (binaural, channel 0 = left)")
+    return data.T, rate
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if k != "series"}
+    return value
+
+
+def cmd_metrics(args) -> int:
+    from training import metrics
+
+    try:
+        ref, sr = _read_wav(args.ref)
+        est, sr_est = _read_wav(args.est)
+        if sr != sr_est:
+            raise ValueError(f"{args.est}: sample rate {sr_est} Hz differs from {args.ref} ({sr} Hz)")
+        if ref.shape != est.shape:
+            raise ValueError(f"{args.est}: {est.shape[1]} samples, {args.ref} has {ref.shape[1]}")
+        result = {"reference": metrics.compare(ref, est, sr)}
+        if args.meta:
+            meta = json.loads(Path(args.meta).read_text())
+            for name, audio in (("ref", ref), ("est", est)):
+                result[f"direction_{name}"] = metrics.direction_error(audio, sr, meta)
+                result[f"onset_sync_{name}"] = metrics.onset_sync(audio, sr, meta)
+    except (ValueError, KeyError, OSError) as exc:
+        return _fail(str(exc))
+    result = _jsonable(result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for group, values in result.items():
+            print(group)
+            for key, value in values.items():
+                print(f"  {key:24s} {value if not isinstance(value, float) else f'{value:.4g}'}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from training.clips import ClipError
+    from training.show import show_clip
+
+    try:
+        png = show_clip(args.dir, args.out)
+    except ClipError as exc:
+        return _fail(str(exc))
+    print(f"wrote {png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from training.clips import write_clip
+    from training.render import render_scene
+    from training.scene_spec import load_scene
+    from training.show import show_clip
+
+    spec = load_scene(DEMO_SCENE)
+    rendered = render_scene(spec)
+    out = write_clip(Path(args.out) / "scene", rendered.frames, spec.fps, rendered.audio, spec.sample_rate,
+                     rendered.pose, rendered.meta)
+    png = show_clip(out, Path(args.out) / "demo.png")
+    print(f"demo scene rendered to {out}/ (clip.mp4 has the binaural track: listen on headphones)")
+    print(f"picture: {png}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import os
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    from training.benchmarks import bench_render, pin_to_one_core
+
+    core = pin_to_one_core() if args.threads == 1 else None
+    result = bench_render(args.count, seed=args.seed, sources=args.sources or None, duration=args.duration)
+    result.update(threads=args.threads, pinned_core=core, cpu=_cpu_name())
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        r, d = result["render_seconds"], result["direction_error_deg"]
+        print(f"{result['scenes']} scenes of {result['duration_s']:g} s, {args.threads} thread(s), {result['cpu']}")
+        print(f"render + write seconds: p50 {r['p50']:.2f}  p95 {r['p95']:.2f}  max {r['max']:.2f}")
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"direction error (deg): median over frames {fmt(d['median_over_frames'])}, median of scene "
+              f"medians {fmt(d['median_of_scene_medians'])} (front sources {fmt(d['front_median_of_scene_medians'])}, "
+              f"back {fmt(d['back_median_of_scene_medians'])})")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visaudio",
+        description="ViSAudio-RT: video + head rotation -> binaural audio. Channel 0 is the left ear; "
+                    "angles in degrees, azimuth positive to the left.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scene", help="render one scene (a JSON spec or a random seed) into a clip folder",
+                       description="Render a scene into DIR: clip.mp4 (H.264 + binaural AAC), binaural.wav, "
+                                   "pose.jsonl, meta.json (docs/FORMATS.md). A bad spec is rejected with the "
+                                   "field it concerns, and nothing is written.")
+    p.add_argument("spec", nargs="?", help="scene JSON file (docs/FORMATS.md)")
+    p.add_argument("--seed", type=int, help="render the random BiAudio-style scene of this seed instead")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds, for --seed (default 8)")
+    p.add_argument("--sources", type=int, help="number of sources, for --seed (default random 1-4)")
+    p.add_argument("--out", required=True, help="clip folder to write")
+    p.set_defaults(func=cmd_scene)
+
+    p = sub.add_parser("dataset", help="render N random clips into a dataset folder (parallel, resumable)",
+                       description="Render clip_000000.. from seeds SEED..SEED+N-1 and write index.json. "
+                                   "Clips already complete are kept, so an interrupted run resumes.")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first clip (default 0)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per clip (default 8)")
+    p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("metrics", help="binaural metrics of EST.wav against REF.wav (and scene metadata)",
+                       description="STFT and envelope distances, ITD error (GCC-PHAT), per-band ILD error, "
+                                   "coherence error; with --meta also the direction error against the scene "
+                                   "and the onset-sync score of visible events (DESIGN.md section 5).")
+    p.add_argument("ref")
+    p.add_argument("est")
+    p.add_argument("--meta", help="meta.json of the clip, for direction and sync metrics")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("show", help="a PNG of a clip: frames, both ears, ITD/ILD and lateral angle vs metadata")
+    p.add_argument("dir", help="clip folder")
+    p.add_argument("--out", help="PNG path (default DIR/summary.png)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("bench", help="benchmarks: `bench render` times the scene engine and checks its directions")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    p = bench.add_parser("render", help="render random scenes on one core: seconds per scene, direction error",
+                         description="Renders COUNT random scenes (render + clip writing timed on one pinned core "
+                                     "by default) and compares the lateral angle estimated from each rendered "
+                                     "audio with its metadata.")
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--seed", type=int, default=10_000, help="first seed (default 10000: not a training seed)")
+    p.add_argument("--sources", type=int, default=1, help="sources per scene (0 = random 1-4; default 1)")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 pins the process to one core)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job on the shipped default: render the demo scene and show it")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
