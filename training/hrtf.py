@@ -29,6 +29,7 @@ FILTER_TAPS_SECONDS = 0.004  # aligned filters keep 4 ms after the onset: the pi
 PRE_ONSET_SECONDS = 0.0005  # kept before the onset so the band-limited main lobe is not cut
 ONSET_THRESHOLD = 0.2  # onset = first crossing of 20% (-14 dB) of the low-passed peak
 ONSET_LOWPASS_HZ = 3000.0
+ANTI_ALIAS = 0.9  # fraction of the target Nyquist kept when resampling measured responses down
 MIN_ELEVATION = -45.0  # lowest measured elevation of the AXD sets; lower queries are clamped
 
 
@@ -65,7 +66,7 @@ class HrtfSet:
         """Barycentric interpolation: (indices (Q, 3), weights (Q, 3)) of unit vectors (Q, 3)."""
         faces, inverse, tree = self._triangulation
         q = np.asarray(vectors, dtype=np.float64).reshape(-1, 3)
-        _, candidates = tree.query(q, k=min(12, len(faces)))
+        _, candidates = tree.query(q, k=min(32, len(faces)))  # faces near the poles are large
         g = np.einsum("qkij,qj->qki", inverse[candidates], q)  # weights in each candidate face
         score = g.min(axis=-1)  # >= 0 inside the face
         best = np.argmax(score, axis=1)
@@ -154,6 +155,9 @@ def _advance(irs: np.ndarray, seconds: np.ndarray, rate: float, length: int) -> 
 def load_hrtf(name: str = "axd1", sample_rate: int = 16000) -> HrtfSet:
     """Load a SOFA HRIR set, resample it to sample_rate and decompose it (cached per process)."""
     irs, positions, rate = _read_sofa(_sofa_path(name))
+    if sample_rate < rate:  # band-limit first: resample_poly's own filter aliases near the new Nyquist
+        guard = signal.butter(8, ANTI_ALIAS * sample_rate / 2, fs=rate, output="sos")
+        irs = signal.sosfiltfilt(guard, irs, axis=-1)
     onsets = _onsets(irs, rate)
     pre = PRE_ONSET_SECONDS
     aligned_len_src = int(round((FILTER_TAPS_SECONDS + pre) * rate))

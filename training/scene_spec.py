@@ -92,14 +92,17 @@ class SceneSpec:
 _MISSING = object()
 
 
-def _number(obj: dict, key: str, path: str, default: Any = _MISSING, *, lo=None, hi=None,
-            lo_open=False, integer=False) -> float:
+def _number(obj: dict, key: str, path: str, default: Any = _MISSING, **limits) -> float:
+    """obj[key] checked by _check_number, or the default when absent (required without one)."""
+    where = f"{path}.{key}" if path else key
     if key not in obj:
         if default is _MISSING:
-            raise SceneSpecError(f"{path}.{key}" if path else key, "missing required field")
+            raise SceneSpecError(where, "missing required field")
         return default
-    where = f"{path}.{key}" if path else key
-    value = obj[key]
+    return _check_number(obj[key], where, **limits)
+
+
+def _check_number(value: Any, where: str, *, lo=None, hi=None, lo_open=False, integer=False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SceneSpecError(where, f"expected a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
@@ -204,14 +207,14 @@ def _room(obj: Any) -> Room:
     size = _list(obj, "size", "room", min_len=3)
     if len(size) != 3:
         raise SceneSpecError("room.size", f"expected [x, y, z], got {len(size)} values")
-    dims = tuple(_number({"v": v}, "v", "", lo=1.0, hi=200.0) for v in size)
+    dims = tuple(_check_number(v, f"room.size[{i}]", lo=1.0, hi=200.0) for i, v in enumerate(size))
     default_listener = [dims[0] / 2, dims[1] / 2, min(1.6, dims[2] / 2)]
     listener = obj.get("listener", default_listener)
     if not isinstance(listener, list) or len(listener) != 3:
         raise SceneSpecError("room.listener", "expected [x, y, z] inside the room")
     pos = []
     for axis, (value, extent) in enumerate(zip(listener, dims)):
-        v = _number({"v": value}, "v", "", lo=0.0, hi=extent, lo_open=True)
+        v = _check_number(value, f"room.listener[{axis}]", lo=0.0, lo_open=True)
         if v >= extent:
             raise SceneSpecError(f"room.listener[{axis}]", f"{v} is outside the room (0..{extent})")
         pos.append(v)
@@ -227,7 +230,7 @@ def parse_scene(obj: Any, base_dir: Path | None = None) -> SceneSpec:
     size = obj.get("frame_size", [128, 128])
     if not isinstance(size, list) or len(size) != 2:
         raise SceneSpecError("frame_size", f"expected [width, height], got {size!r}")
-    frame_size = tuple(_number({"v": v}, "v", "", lo=16, hi=4096, integer=True) for v in size)
+    frame_size = tuple(_check_number(v, f"frame_size[{i}]", lo=16, hi=4096, integer=True) for i, v in enumerate(size))
     if any(v % 2 for v in frame_size):
         raise SceneSpecError("frame_size", f"width and height must be even (H.264 4:2:0), got {list(frame_size)}")
     fov = _number(obj, "fov", "", 90.0, lo=10.0, hi=170.0)
