@@ -154,3 +154,18 @@ def test_metrics_cli(clip_dir, tmp_path, capsys):
     sf.write(tmp_path / "mono.wav", data[:, 0], sr)
     assert main(["metrics", str(ref), str(tmp_path / "mono.wav")]) == 2
     assert "mono.wav" in capsys.readouterr().err
+
+
+def test_direction_ignores_incoherent_frames():
+    """Frames where independent (reverberant) sound dominates are not scored."""
+    x = noise(2.0)
+    itd = woodworth_itd(50.0, metrics.HEAD_RADIUS)
+    pair = np.stack([fractional_delay(x, np.full(len(x), 10.0)), fractional_delay(x, np.full(len(x), 10 + itd * SR))])
+    diffuse = np.random.default_rng(5).normal(0, 0.3, pair.shape)
+    pair[:, SR:] = 0.1 * pair[:, SR:] + diffuse[:, SR:]  # second half: a diffuse field 20 dB above the source
+    meta = {"fps": 25.0, "frames": [{"t": f / 25, "sources": [{"azimuth": 50.0, "elevation": 0.0, "active": True,
+                                                                "visible": True}]} for f in range(50)]}
+    out = metrics.direction_error(pair, SR, meta)
+    assert out["median_deg"] < 2.0
+    assert 0.35 < out["coverage"] < 0.65
+    assert metrics.direction_error(pair, SR, meta, min_coherence=0.0)["mean_deg"] > 5.0

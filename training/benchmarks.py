@@ -39,7 +39,7 @@ def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, d
     from training.scene_spec import parse_scene
 
     times, scene_medians, errors = [], [], []
-    front, back = [], []
+    front, back, coverage = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in tqdm(range(count), desc="rendering scenes", unit="scene", disable=not progress):
             spec = parse_scene(random_scene(seed + i, duration=duration, num_sources=sources))
@@ -48,6 +48,7 @@ def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, d
             write_clip(Path(tmp) / "clip", r.frames, spec.fps, r.audio, spec.sample_rate, r.pose, r.meta)
             times.append(time.perf_counter() - start)
             d = direction_error(r.audio, spec.sample_rate, r.meta)
+            coverage.append(d["coverage"])
             s = d["series"]
             err = np.abs(s["estimate"] - s["truth"])[s["scored"]]
             if len(err):
@@ -67,5 +68,6 @@ def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, d
             "front_median_of_scene_medians": float(np.median(front)) if front else None,
             "back_median_of_scene_medians": float(np.median(back)) if back else None,
             "scored_frames": int(len(pooled)),
+            "mean_coverage": float(np.mean(coverage)),
         },
     }

@@ -21,6 +21,7 @@ HEAD_RADIUS = 0.102  # m, least-squares fit over lateral angles; DESIGN.md's 0.0
 MAX_ITD = 1e-3  # s: GCC-PHAT lag search range
 ITD_BAND_HZ = 1500.0
 FRAME_SECONDS, HOP_SECONDS = 0.064, 0.02
+DIRECTION_MIN_COHERENCE = 0.8  # direction is read only where the direct sound dominates (Faller & Merimaa 2004)
 SILENCE_DB = 40.0  # frames more than 40 dB below the loudest frame are not analysed
 THIRD_OCTAVE_CENTERS = 1000.0 * 2.0 ** (np.arange(-6, 9) / 3)  # 250 Hz .. 6.3 kHz
 
@@ -174,19 +175,24 @@ def meta_tracks(meta: dict):
     return times, get("azimuth").astype(float), get("elevation").astype(float), get("active"), get("visible")
 
 
-def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius: float = HEAD_RADIUS) -> dict:
+def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius: float = HEAD_RADIUS,
+                    min_coherence: float = DIRECTION_MIN_COHERENCE) -> dict:
     """Lateral-angle error of the direction estimated from the audio against the metadata.
 
     Only frames in which exactly one source is active are scored (the estimate is of the dominant
-    source). Front (|azimuth| <= 90) and back sources are reported apart: lateral cues alone cannot
-    separate them, so `back` shows what front/back confusion leaves of the lateral estimate."""
+    source), and of those only frames whose interaural coherence is at least `min_coherence`: in a
+    room the late reverb decorrelates the ears and drags the ITD toward zero, and, as in the auditory
+    cue-selection model of Faller & Merimaa (2004), cues are trusted only where the direct sound
+    dominates; `coverage` is the fraction of frames kept. Front (|azimuth| <= 90) and back sources
+    are reported apart: lateral cues alone cannot separate them."""
     cues = binaural_cues(audio, sample_rate)
     lateral, agrees = lateral_from_cues(cues, head_radius)
     times, az, el, active, _ = meta_tracks(meta)
     frame_index = np.clip(np.rint(cues.times * meta["fps"]).astype(int), 0, len(times) - 1)
     single = active.sum(axis=1) == 1
     which = np.argmax(active, axis=1)
-    use = cues.active & single[frame_index]
+    candidates = cues.active & single[frame_index]
+    use = candidates & (cues.coherence >= min_coherence)
     src = which[frame_index]
     true_az = az[frame_index, src]
     truth = lateral_angle(true_az, el[frame_index, src])
@@ -201,6 +207,7 @@ def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius
 
     result = summary(np.ones_like(use))
     result.update(front=summary(front), back=summary(~front),
+                  coverage=float(use.sum() / candidates.sum()) if candidates.any() else 0.0,
                   ild_agreement=float(np.mean(agrees[use])) if use.any() else None)
     result["series"] = {"times": cues.times, "estimate": lateral, "truth": truth, "scored": use}
     return result
