@@ -169,3 +169,14 @@ def test_direction_ignores_incoherent_frames():
     assert out["median_deg"] < 2.0
     assert 0.35 < out["coverage"] < 0.65
     assert metrics.direction_error(pair, SR, meta, min_coherence=0.0)["mean_deg"] > 5.0
+
+
+def test_dominant_source_from_levels():
+    def frame(levels, active=(True, True)):
+        return {"t": 0.0, "sources": [{"azimuth": 0.0, "elevation": 0.0, "visible": True, "active": a, "level_db": lv}
+                            for lv, a in zip(levels, active)]}
+    meta = {"frames": [frame((-20, -30)), frame((-20, -24)), frame((-40, -20)), frame((-10, -60), (False, True)),
+                       frame((-30, -30), (False, False))]}
+    which, dominated = metrics.dominant_source(meta)
+    assert dominated.tolist() == [True, False, True, True, False]
+    assert which[:4].tolist() == [0, 0, 1, 1]

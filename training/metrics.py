@@ -21,6 +21,7 @@ HEAD_RADIUS = 0.102  # m, least-squares fit over lateral angles; DESIGN.md's 0.0
 MAX_ITD = 1e-3  # s: GCC-PHAT lag search range
 ITD_BAND_HZ = 1500.0
 FRAME_SECONDS, HOP_SECONDS = 0.064, 0.02
+DOMINANCE_DB = 6.0  # a source dominates a frame when its direct sound is 6 dB above all others together
 DIRECTION_MIN_COHERENCE = 0.8  # direction is read only where the direct sound dominates (Faller & Merimaa 2004)
 SILENCE_DB = 40.0  # frames more than 40 dB below the loudest frame are not analysed
 THIRD_OCTAVE_CENTERS = 1000.0 * 2.0 ** (np.arange(-6, 9) / 3)  # 250 Hz .. 6.3 kHz
@@ -175,13 +176,27 @@ def meta_tracks(meta: dict):
     return times, get("azimuth").astype(float), get("elevation").astype(float), get("active"), get("visible")
 
 
+def dominant_source(meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each frame's dominant source, whether one dominates) from meta.json."""
+    _, _, _, active, _ = meta_tracks(meta)
+    if all("level_db" in s for s in meta["frames"][0]["sources"]):
+        level = np.array([[s["level_db"] for s in f["sources"]] for f in meta["frames"]], dtype=np.float64)
+        power = np.where(active, 10 ** (level / 10), 0.0)
+        which = np.argmax(power, axis=1)
+        rest = power.sum(axis=1) - power[np.arange(len(power)), which]
+        dominated = active.any(axis=1) & (power[np.arange(len(power)), which] >= rest * 10 ** (DOMINANCE_DB / 10))
+        return which, dominated
+    return np.argmax(active, axis=1), active.sum(axis=1) == 1
+
+
 def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius: float = HEAD_RADIUS,
                     min_coherence: float = DIRECTION_MIN_COHERENCE) -> dict:
     """Lateral-angle error of the direction estimated from the audio against the metadata.
 
-    Only frames in which exactly one source is active are scored (the estimate is of the dominant
-    source), and of those only frames whose interaural coherence is at least `min_coherence`: in a
-    room the late reverb decorrelates the ears and drags the ITD toward zero, and, as in the auditory
+    A frame is scored against the source that dominates it: whose direct-sound level (meta
+    `level_db`) is DOMINANCE_DB above the power sum of the other active sources (without levels in
+    the metadata: the only active source). Of those, only frames whose interaural coherence is at
+    least `min_coherence` count: in a room the late reverb decorrelates the ears and drags the ITD toward zero, and, as in the auditory
     cue-selection model of Faller & Merimaa (2004), cues are trusted only where the direct sound
     dominates; `coverage` is the fraction of frames kept. Front (|azimuth| <= 90) and back sources
     are reported apart: lateral cues alone cannot separate them."""
@@ -189,9 +204,8 @@ def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius
     lateral, agrees = lateral_from_cues(cues, head_radius)
     times, az, el, active, _ = meta_tracks(meta)
     frame_index = np.clip(np.rint(cues.times * meta["fps"]).astype(int), 0, len(times) - 1)
-    single = active.sum(axis=1) == 1
-    which = np.argmax(active, axis=1)
-    candidates = cues.active & single[frame_index]
+    which, dominated = dominant_source(meta)
+    candidates = cues.active & dominated[frame_index]
     use = candidates & (cues.coherence >= min_coherence)
     src = which[frame_index]
     true_az = az[frame_index, src]

@@ -209,25 +209,41 @@ def late_reverb(dry_sum: np.ndarray, room: Room, hrtf: HrtfSet, rng: np.random.G
 
 def render_audio(spec: SceneSpec, hrtf: HrtfSet | None = None) -> np.ndarray:
     """Ground-truth binaural audio (2, N) float64 of a scene (before the mix gain)."""
+    return render_audio_and_levels(spec, hrtf)[0]
+
+
+def frame_levels_db(direct: np.ndarray, sample_rate: int, fps: float, count: int) -> np.ndarray:
+    """Mean power over both ears in each video frame's interval, dB re full scale: (count,)."""
+    edges = np.minimum(np.rint(np.arange(count + 1) * sample_rate / fps).astype(int), direct.shape[1])
+    power = np.add.reduceat(np.sum(direct ** 2, axis=0), edges[:-1]) / np.maximum(np.diff(edges), 1) / 2
+    return 10 * np.log10(np.maximum(power, 1e-20))
+
+
+def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(binaural audio (2, N), each source's direct-sound level at the ears per video frame (S, F) dB)."""
     hrtf = hrtf or load_hrtf(spec.hrtf, spec.sample_rate)
     sr = spec.sample_rate
     n = int(round(spec.duration * sr))
     block = max(1, int(round(BLOCK_SECONDS * sr)))
     boundary_times = np.arange(-(-n // block) + 1) * block / sr
     pose = head_track(spec, boundary_times)
+    frame_count = int(np.floor(spec.duration * spec.fps + 1e-9))
     out = np.zeros((2, n))
+    levels = np.zeros((len(spec.sources), frame_count))
     dry_sum = np.zeros(n)
     for i, src in enumerate(spec.sources):
         dry = dry_signal(spec, i)
         positions = source_positions(src, boundary_times)
-        out += render_path(dry, positions, pose, hrtf, block)
+        direct = render_path(dry, positions, pose, hrtf, block)
+        levels[i] = frame_levels_db(direct, sr, spec.fps, frame_count)
+        out += direct
         if spec.room is not None:
             for image, gain in image_sources(positions, spec.room):
                 out += render_path(dry, image, pose, hrtf, block, gain)
             dry_sum += dry
     if spec.room is not None:
         out += late_reverb(dry_sum, spec.room, hrtf, np.random.default_rng([spec.seed, 1_000_003]))
-    return out
+    return out, levels
 
 
 # ----------------------------------------------------------------------------------------------- video
@@ -350,10 +366,14 @@ def render_frames(spec: SceneSpec):
 
 def render_scene(spec: SceneSpec) -> RenderedScene:
     """Render everything a clip holds. Audio is scaled down only if it would clip (mix_gain in meta)."""
-    audio = render_audio(spec)
+    audio, levels = render_audio_and_levels(spec)
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     mix_gain = min(1.0, 0.98 / peak) if peak > 0 else 1.0
     frames, pose, per_frame = render_frames(spec)
+    levels += 20 * np.log10(mix_gain)
+    for f, frame in enumerate(per_frame):
+        for s, info in enumerate(frame["sources"]):
+            info["level_db"] = round(float(levels[s, f]), 2)
     meta = {
         "format": "visaudio-clip/1",
         "scene": spec.to_json(),
