@@ -153,6 +153,23 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cmd_train_vae(args) -> int:
+    import torch
+
+    from engine.checkpoint import CheckpointError
+    from training.train_vae import load_config, train_vae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_config(args.config, {"steps": args.steps, "data_dir": args.data})
+        ckpt = train_vae(cfg, args.out, resume=args.resume, device=args.device)
+    except (ValueError, CheckpointError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {ckpt}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visaudio",
@@ -209,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 pins the process to one core)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train a model: `train vae` (the per-ear waveform autoencoder)")
+    train = p.add_subparsers(dest="model", required=True, metavar="MODEL")
+    p = train.add_parser("vae", help="train the per-ear waveform VAE on scene-engine audio",
+                         description="Train the mono waveform VAE shared by both ears. Config: JSON or YAML with "
+                                     "the fields of training.train_vae.TrainVAEConfig (nested 'vae' for the "
+                                     "model). Writes OUT/vae.safetensors (+ optimizer state, config.json, "
+                                     "log.jsonl); --resume continues from them.")
+    p.add_argument("--config", help="JSON/YAML training config (default: built-in defaults)")
+    p.add_argument("--out", default="out/vae", help="output folder (default out/vae)")
+    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--data", help="dataset folder to train on (default: render scenes on the fly)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_train_vae)
 
     p = sub.add_parser("demo", help="the main job on the shipped default: render the demo scene and show it")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
