@@ -2,7 +2,7 @@
 
 The pattern follows kyutai-labs/moshi (modules/streaming.py): `forward` processes a whole sequence
 with zero left padding; `step` processes the next chunk given a state holding the inputs the kernel
-still needs. Running `step` chunk by chunk gives exactly `forward` on the concatenation.
+still needs. Every streaming module has `init_state(batch) -> list[ConvState]` and `step(x, state)`. Running `step` chunk by chunk gives exactly `forward` on the concatenation.
 """
 from __future__ import annotations
 
@@ -40,13 +40,31 @@ class CausalConv1d(nn.Module):
         pad = self.context - (self.stride - 1) if self.stride > 1 else self.context
         return self.conv(nn.functional.pad(x, (max(pad, 0), 0)))
 
-    def init_state(self, batch: int, device=None, dtype=torch.float32) -> ConvState:
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> list[ConvState]:
         if self.stride != 1:
             raise ValueError("only stride-1 causal convolutions stream")
-        return ConvState(torch.zeros(batch, self.conv.in_channels, self.context, device=device, dtype=dtype))
+        return [ConvState(torch.zeros(batch, self.conv.in_channels, self.context, device=device, dtype=dtype))]
 
-    def step(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
-        joined = torch.cat([state.buffer, x], dim=-1)
+    def step(self, x: torch.Tensor, state: list[ConvState]) -> torch.Tensor:
+        buffer = state[0].buffer
+        joined = torch.cat([buffer, x], dim=-1)
         if self.context:
-            state.buffer.copy_(joined[..., joined.shape[-1] - self.context:])
+            buffer.copy_(joined[..., joined.shape[-1] - self.context:])
         return self.conv(joined)
+
+
+class Pointwise(nn.Module):
+    """A frame-wise module (an activation) in a streaming stack: no state."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> list[ConvState]:
+        return []
+
+    def step(self, x: torch.Tensor, state: list[ConvState]) -> torch.Tensor:
+        return self.module(x)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from engine.streaming import CausalConv1d, ConvState
+from engine.streaming import CausalConv1d, ConvState, Pointwise
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,10 @@ class ResidualUnit(nn.Module):
         return x + self.mix(self.act(self.conv(self.act(x))))
 
     def init_state(self, batch, device=None, dtype=torch.float32) -> list[ConvState]:
-        return [self.conv.init_state(batch, device, dtype)]
+        return self.conv.init_state(batch, device, dtype)
 
     def step(self, x, state: list[ConvState]):
-        return x + self.mix(self.act(self.conv.step(self.act(x), state[0])))
+        return x + self.mix(self.act(self.conv.step(self.act(x), state)))
 
 
 class SubpixelUpsample(nn.Module):
@@ -87,11 +87,11 @@ class SubpixelUpsample(nn.Module):
     def forward(self, x):
         return self._shuffle(self.conv(x))
 
-    def init_state(self, batch, device=None, dtype=torch.float32):
-        return [self.conv.init_state(batch, device, dtype)]
+    def init_state(self, batch, device=None, dtype=torch.float32) -> list[ConvState]:
+        return self.conv.init_state(batch, device, dtype)
 
-    def step(self, x, state):
-        return self._shuffle(self.conv.step(x, state[0]))
+    def step(self, x, state: list[ConvState]):
+        return self._shuffle(self.conv.step(x, state))
 
 
 class Encoder(nn.Module):
@@ -120,9 +120,9 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = [CausalConv1d(cfg.latent_dim, chans[0], 3)]
         for c_in, c_out, factor in zip(chans[:-1], chans[1:], reversed(cfg.strides)):
             layers += [ResidualUnit(c_in, d) for d in cfg.residual_dilations]
-            layers += [nn.ELU(), SubpixelUpsample(c_in, c_out, factor)]
+            layers += [Pointwise(nn.ELU()), SubpixelUpsample(c_in, c_out, factor)]
         layers += [ResidualUnit(chans[-1], d) for d in cfg.residual_dilations]
-        layers += [nn.ELU(), CausalConv1d(chans[-1], 1, 7)]
+        layers += [Pointwise(nn.ELU()), CausalConv1d(chans[-1], 1, 7)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, z):
@@ -131,25 +131,12 @@ class Decoder(nn.Module):
         return z
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> "DecoderState":
-        states = []
-        for layer in self.layers:
-            if isinstance(layer, CausalConv1d):
-                states.append([layer.init_state(batch, device, dtype)])
-            elif hasattr(layer, "init_state"):
-                states.append(layer.init_state(batch, device, dtype))
-            else:
-                states.append([])
-        return DecoderState(states)
+        return DecoderState([layer.init_state(batch, device, dtype) for layer in self.layers])
 
     def step(self, z, state: "DecoderState"):
         """Decode the next latent frames (B, D, n) -> (B, 1, n * hop), updating state in place."""
-        for layer, s in zip(self.layers, state.layers):
-            if isinstance(layer, CausalConv1d):
-                z = layer.step(z, s[0])
-            elif hasattr(layer, "step"):
-                z = layer.step(z, s)
-            else:
-                z = layer(z)
+        for layer, layer_state in zip(self.layers, state.layers):
+            z = layer.step(z, layer_state)
         return z
 
 

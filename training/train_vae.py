@@ -121,6 +121,9 @@ def _stft(x: torch.Tensor, n_fft: int) -> torch.Tensor:
                       return_complex=True)
 
 
+LOG_FLOOR = 1e-2  # STFT magnitude floor of the log term: ~60 dB under loud bins, so silence does not dominate
+
+
 def vae_loss(cfg: TrainVAEConfig, audio, recon, mean, logvar) -> dict[str, torch.Tensor]:
     """Multi-resolution STFT + low-band complex STFT (phase) + waveform L1 + KL."""
     audio, recon = audio.float(), recon.float()
@@ -128,12 +131,12 @@ def vae_loss(cfg: TrainVAEConfig, audio, recon, mean, logvar) -> dict[str, torch
     for n_fft in (256, 512, 1024, 2048):
         s, r = _stft(audio, n_fft).abs(), _stft(recon, n_fft).abs()
         spectral = spectral + torch.linalg.norm(s - r) / (torch.linalg.norm(s) + 1e-7)
-        spectral = spectral + (torch.log(s + 1e-5) - torch.log(r + 1e-5)).abs().mean()
+        spectral = spectral + (torch.log(s + LOG_FLOOR) - torch.log(r + LOG_FLOOR)).abs().mean()
     n_fft = 1024
     low = int(1500 / cfg.vae.sample_rate * n_fft) + 1
     s, r = _stft(audio, n_fft)[:, :low], _stft(recon, n_fft)[:, :low]
     phase = (s - r).abs().mean() / (s.abs().mean() + 1e-7)
-    wave = (audio - recon).abs().mean() / (audio.abs().mean() + 1e-7)
+    wave = (audio - recon).abs().mean() / (audio.abs().mean() + 1e-3)
     kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
     total = spectral + cfg.phase_weight * phase + cfg.wave_weight * wave + cfg.kl_weight * kl
     return {"loss": total, "spectral": spectral, "phase": phase, "wave": wave, "kl": kl}
