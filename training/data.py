@@ -67,7 +67,9 @@ def build_dataset(root: Path | str, count: int, jobs: int = 1, seed: int = 0, du
     if jobs > 1 and todo:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(jobs, initializer=_single_thread) as pool:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")  # inherited by the spawned workers: one core each
+        with mp.get_context("spawn").Pool(jobs) as pool:
             for _ in pool.imap_unordered(_render_job, todo):
                 bar.update()
     else:
@@ -77,10 +79,6 @@ def build_dataset(root: Path | str, count: int, jobs: int = 1, seed: int = 0, du
     bar.close()
     names = [clip_name(i) for i in range(count)]
     return write_index(root, names, {"seed": seed, "duration": duration})
-
-
-def _single_thread():
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def dataset_clips(root: Path | str) -> list[Path]:
