@@ -7,7 +7,7 @@ import numpy as np
 
 from engine.geometry import lateral_angle
 from training.clips import read_clip
-from training.metrics import binaural_cues, lateral_from_cues, meta_tracks
+from training.metrics import DIRECTION_MIN_COHERENCE, binaural_cues, lateral_from_cues, meta_tracks
 
 
 def show_clip(clip_dir: Path | str, out_png: Path | str | None = None, frames_shown: int = 5) -> Path:
@@ -49,7 +49,10 @@ def show_clip(clip_dir: Path | str, out_png: Path | str | None = None, frames_sh
     ax_itd.legend(loc="upper left", fontsize=8)
 
     ax_lat = fig.add_subplot(grid[3, :], sharex=ax)
-    ax_lat.plot(cues.times[active], lateral[active], ".", ms=3, color="k", label="estimated from audio")
+    coherent = active & (cues.coherence >= DIRECTION_MIN_COHERENCE)
+    ax_lat.plot(cues.times[active & ~coherent], lateral[active & ~coherent], ".", ms=3, color="0.7",
+                label="estimated, ears incoherent (not scored)")
+    ax_lat.plot(cues.times[coherent], lateral[coherent], ".", ms=3, color="k", label="estimated from audio")
     if clip.meta is not None:
         times, az, el, act, vis = meta_tracks(clip.meta)
         truth = lateral_angle(az, el)
