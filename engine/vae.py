@@ -53,6 +53,9 @@ class VAEConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
 
 
+INITIAL_LOGVAR = -10.0
+
+
 class ResidualUnit(nn.Module):
     """ELU -> causal dilated conv (k=3) -> ELU -> 1x1 conv, added to the input."""
 
@@ -103,7 +106,11 @@ class Encoder(nn.Module):
         for c_in, c_out, stride in zip(cfg.channels[:-1], cfg.channels[1:], cfg.strides):
             layers += [ResidualUnit(c_in, d) for d in cfg.residual_dilations]
             layers += [nn.ELU(), CausalConv1d(c_in, c_out, 2 * stride, stride=stride)]
-        layers += [nn.ELU(), CausalConv1d(cfg.channels[-1], 2 * cfg.latent_dim, 3)]
+        head = CausalConv1d(cfg.channels[-1], 2 * cfg.latent_dim, 3)
+        with torch.no_grad():  # start nearly deterministic: the decoder first sees the mean, not noise
+            head.conv.weight[cfg.latent_dim:].mul_(0.01)
+            head.conv.bias[cfg.latent_dim:].fill_(INITIAL_LOGVAR)
+        layers += [nn.ELU(), head]
         self.net = nn.Sequential(*layers)
 
     def forward(self, wave):

@@ -26,7 +26,7 @@ class TrainVAEConfig:
     steps: int = 20000
     batch: int = 16  # binaural windows per step (32 mono examples)
     segment_seconds: float = 1.0
-    lr: float = 3e-4
+    lr: float = 2e-4  # 5e-4 stalled with the output near silence on CPU runs
     betas: tuple[float, float] = (0.8, 0.99)  # audio-codec practice: a short first-moment memory
     kl_weight: float = 1e-4  # keeps latents near unit scale for the flow model without blurring
     phase_weight: float = 1.0
