@@ -2,7 +2,8 @@
 
 The pattern follows kyutai-labs/moshi (modules/streaming.py): `forward` processes a whole sequence
 with zero left padding; `step` processes the next chunk given a state holding the inputs the kernel
-still needs. Every streaming module has `init_state(batch) -> list[ConvState]` and `step(x, state)`. Running `step` chunk by chunk gives exactly `forward` on the concatenation.
+still needs. Every streaming module has `init_state(batch) -> list[ConvState]` and `step(x, state)`.
+Running `step` chunk by chunk gives exactly `forward` on the concatenation.
 """
 from __future__ import annotations
 

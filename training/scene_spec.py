@@ -151,7 +151,8 @@ def _keyframes(items: list, path: str, fields: tuple[str, ...], cls, limits: dic
     return tuple(frames)
 
 
-_SOURCE_LIMITS = {"azimuth": (None, None, _MISSING), "elevation": (-90.0, 90.0, 0.0), "distance": (0.0, 1000.0, _MISSING)}
+_SOURCE_LIMITS = {"azimuth": (None, None, _MISSING), "elevation": (-90.0, 90.0, 0.0),
+                  "distance": (0.0, 1000.0, _MISSING)}
 _HEAD_LIMITS = {"yaw": (None, None, 0.0), "pitch": (-90.0, 90.0, 0.0), "roll": (-180.0, 180.0, 0.0)}
 
 

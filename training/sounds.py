@@ -166,7 +166,8 @@ def bird(n, sr, rng):
         t = np.arange(length) / sr
         f = rng.uniform(2000, 4500) + rng.uniform(-1500, 1500) * t / max(t[-1], 1e-3)
         f = np.minimum(f, 0.45 * sr)
-        out[start:start + length] = np.sin(2 * np.pi * np.cumsum(f) / sr) * np.sin(np.pi * t / t[-1]) if length > 1 else 0
+        if length > 1:
+            out[start:start + length] = np.sin(2 * np.pi * np.cumsum(f) / sr) * np.sin(np.pi * t / t[-1])
         start += length + int(rng.uniform(0.03, 0.25) * sr)
     return out
 
