@@ -32,7 +32,6 @@ def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, d
     """Render `count` random scenes; time each and score the audio's direction against the metadata."""
     from tqdm import tqdm
 
-    from training.clips import write_clip
     from training.metrics import direction_error
     from training.render import render_scene
     from training.sampler import random_scene
@@ -45,7 +44,7 @@ def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, d
             spec = parse_scene(random_scene(seed + i, duration=duration, num_sources=sources))
             start = time.perf_counter()
             r = render_scene(spec)
-            write_clip(Path(tmp) / "clip", r.frames, spec.fps, r.audio, spec.sample_rate, r.pose, r.meta)
+            r.write(Path(tmp) / "clip")
             times.append(time.perf_counter() - start)
             d = direction_error(r.audio, spec.sample_rate, r.meta)
             coverage.append(d["coverage"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.geometry import interpolate_ypr
-from training.clips import Clip, ClipError, read_clip, write_clip
+from training.clips import Clip, ClipError, read_clip
 
 DATASET_FORMAT = "visaudio-dataset/1"
 INDEX_NAME = "index.json"
@@ -33,8 +33,7 @@ def render_clip(seed: int, out_dir: Path, duration: float = 8.0, num_sources: in
     from training.scene_spec import parse_scene
 
     spec = parse_scene(random_scene(seed, duration=duration, num_sources=num_sources))
-    r = render_scene(spec)
-    return write_clip(out_dir, r.frames, spec.fps, r.audio, spec.sample_rate, r.pose, r.meta)
+    return render_scene(spec).write(out_dir)
 
 
 def _render_job(args) -> str:

@@ -198,8 +198,8 @@ def direction_error(audio: np.ndarray, sample_rate: int, meta: dict, head_radius
     the metadata: the only active source). Of those, only frames whose interaural coherence is at
     least `min_coherence` count: in a room the late reverb decorrelates the ears and drags the ITD
     toward zero, and, as in the auditory cue-selection model of Faller & Merimaa (2004), cues are
-    trusted only where the direct sound dominates; `coverage` is the fraction of frames kept. Front (|azimuth| <= 90) and back sources
-    are reported apart: lateral cues alone cannot separate them."""
+    trusted only where the direct sound dominates; `coverage` is the fraction of frames kept.
+    Front (|azimuth| <= 90) and back sources are reported apart: lateral cues alone cannot separate them."""
     cues = binaural_cues(audio, sample_rate)
     lateral, agrees = lateral_from_cues(cues, head_radius)
     times, az, el, active, _ = meta_tracks(meta)

@@ -14,6 +14,7 @@ follows Sabine's critical distance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import signal
@@ -21,7 +22,7 @@ from scipy import signal
 from engine.geometry import SPEED_OF_SOUND, PinholeCamera, head_rotation, to_spherical, unit_vector
 from training.hrtf import HrtfSet, load_hrtf
 from training.scene_spec import Room, SceneSpec, Source, interpolate_keyframes
-from training.sounds import KINDS, synthesize
+from training.sounds import KINDS, REFERENCE_RMS, synthesize
 
 BLOCK_SECONDS = 0.004  # HRIR update interval; a source at 90 deg/s moves 0.36 deg per block
 SINC_HALF_TAPS = 8  # fractional delay interpolator: 16 taps, Kaiser beta 8
@@ -38,6 +39,18 @@ class RenderedScene:
     frames: np.ndarray  # (F, H, W, 3) uint8
     pose: np.ndarray  # (F, 4): t, yaw, pitch, roll at each frame time
     meta: dict
+
+    def write(self, out_dir: Path | str) -> Path:
+        """Write the clip folder (docs/FORMATS.md)."""
+        from training.clips import write_clip
+
+        return write_clip(out_dir, self.frames, self.spec.fps, self.audio, self.spec.sample_rate, self.pose, self.meta)
+
+
+def headroom_gain(audio: np.ndarray, peak: float = 0.98) -> float:
+    """Gain that brings the audio's peak down to `peak` full scale (1.0 if it is already below)."""
+    top = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return min(1.0, peak / top) if top > 0 else 1.0
 
 
 # ----------------------------------------------------------------------------------------------- sound
@@ -75,7 +88,7 @@ def _user_sound(path: str, n: int, sr: int) -> np.ndarray:
     if not len(mono) or not np.any(mono):
         raise ValueError(f"{path}: sound file is empty or silent")
     mono = np.tile(mono, int(np.ceil(n / len(mono))))[:n]
-    return mono * (0.05 / np.sqrt(np.mean(mono ** 2)))
+    return mono * (REFERENCE_RMS / np.sqrt(np.mean(mono ** 2)))
 
 
 def dry_signal(spec: SceneSpec, index: int) -> np.ndarray:
@@ -367,8 +380,7 @@ def render_frames(spec: SceneSpec):
 def render_scene(spec: SceneSpec) -> RenderedScene:
     """Render everything a clip holds. Audio is scaled down only if it would clip (mix_gain in meta)."""
     audio, levels = render_audio_and_levels(spec)
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    mix_gain = min(1.0, 0.98 / peak) if peak > 0 else 1.0
+    mix_gain = headroom_gain(audio)
     frames, pose, per_frame = render_frames(spec)
     levels += 20 * np.log10(mix_gain)
     for f, frame in enumerate(per_frame):

@@ -87,7 +87,7 @@ class ScenePool:
             self.clips = [self._render() for _ in range(cfg.scene_pool)]
 
     def _render(self) -> np.ndarray:
-        from training.render import render_audio
+        from training.render import headroom_gain, render_audio
         from training.sampler import random_scene
         from training.scene_spec import parse_scene
 
@@ -95,7 +95,7 @@ class ScenePool:
                                         sample_rate=self.cfg.vae.sample_rate))
         self.next_seed += 1
         audio = render_audio(spec)
-        return (audio * min(1.0, 0.98 / max(np.abs(audio).max(), 1e-9))).astype(np.float32)
+        return (audio * headroom_gain(audio)).astype(np.float32)
 
     def refresh(self) -> None:
         if not self.cfg.data_dir:
@@ -168,7 +168,7 @@ def load_vae(path: Path | str, device="cpu") -> tuple[WaveVAE, dict]:
 def evaluate_vae(model: WaveVAE, scenes: int = 8, seconds: float = 4.0, seed: int = 20_000) -> dict:
     """Reconstruct held-out scenes through encode(mean) -> streaming decode; average the metrics."""
     from training.metrics import compare
-    from training.render import render_audio
+    from training.render import headroom_gain, render_audio
     from training.sampler import random_scene
     from training.scene_spec import parse_scene
 
@@ -178,7 +178,7 @@ def evaluate_vae(model: WaveVAE, scenes: int = 8, seconds: float = 4.0, seed: in
     for i in range(scenes):
         spec = parse_scene(random_scene(seed + i, duration=seconds, sample_rate=cfg.sample_rate))
         ref = render_audio(spec)
-        ref = ref * min(1.0, 0.98 / max(np.abs(ref).max(), 1e-9))
+        ref = ref * headroom_gain(ref)
         n = ref.shape[1] // cfg.hop * cfg.hop
         ref = ref[:, :n]
         with torch.no_grad():

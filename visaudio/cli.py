@@ -15,7 +15,6 @@ def _fail(message: str) -> int:
 
 
 def cmd_scene(args) -> int:
-    from training.clips import write_clip
     from training.render import render_scene
     from training.sampler import random_scene
     from training.scene_spec import SceneSpecError, load_scene, parse_scene
@@ -28,8 +27,7 @@ def cmd_scene(args) -> int:
         rendered = render_scene(spec)
     except (SceneSpecError, ValueError) as exc:  # nothing has been written yet
         return _fail(str(exc))
-    out = write_clip(args.out, rendered.frames, spec.fps, rendered.audio, spec.sample_rate,
-                     rendered.pose, rendered.meta)
+    out = rendered.write(args.out)
     print(f"wrote {out}/ (clip.mp4, binaural.wav, pose.jsonl, meta.json): "
           f"{spec.duration:g} s, {len(spec.sources)} source(s)")
     return 0
@@ -103,15 +101,13 @@ def cmd_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from training.clips import write_clip
     from training.render import render_scene
     from training.scene_spec import load_scene
     from training.show import show_clip
 
     spec = load_scene(DEMO_SCENE)
     rendered = render_scene(spec)
-    out = write_clip(Path(args.out) / "scene", rendered.frames, spec.fps, rendered.audio, spec.sample_rate,
-                     rendered.pose, rendered.meta)
+    out = rendered.write(Path(args.out) / "scene")
     png = show_clip(out, Path(args.out) / "demo.png")
     print(f"demo scene rendered to {out}/ (clip.mp4 has the binaural track: listen on headphones)")
     print(f"picture: {png}")
