@@ -1,44 +1,51 @@
-"""Per-ear waveform VAE with a causal, streaming decoder.
+"""The per-ear audio autoencoder: probabilistic PCA of compressed complex STFT frames.
 
-ViSAudio encodes each ear with one shared mono VAE (a stereo VAE blurs spatial cues). MMAudio's VAE
-works on mel spectrograms and needs a vocoder per ear, which cannot guarantee the sub-millisecond
-time difference between the ears; this one encodes and decodes waveforms, so each ear's timing is
-reconstructed directly and the ITD survives (measured by `visaudio train vae`'s evaluation).
+Why this and not a mel VAE + vocoder (MMAudio, ViSAudio): a vocoder per ear invents each ear's phase
+on its own, so the sub-millisecond interaural time difference is not guaranteed to survive. Here each
+latent frame is a linear code of one ear's *complex* spectrum (phase included), so decoding both ears
+with the same decoder reproduces the interaural phase up to the code's truncation error.
 
-Everything is causal: the decoder upsamples with sub-pixel (reshape) layers after causal
-convolutions, so one latent frame decodes to exactly `hop` samples given the decoder state, and
-decoding chunk by chunk equals decoding the whole clip.
+    frame l = samples [(l - 1) hop, (l + 1) hop) x sqrt-Hann   (latent l is centred at l * hop)
+    X = DFT(frame)                          (matmuls with a fixed basis: ONNX/TensorRT friendly)
+    C = |X|^p e^{i angle X}                 (power-law compression evens out the spectrum, p = 0.5)
+    z = W^T (w (C - mean)) / scale          (top-D principal directions of the band-weighted spectra;
+                                             w favours the ITD band below 1.5 kHz; whitened latents)
+
+The decoder inverts each step and overlap-adds (sqrt-Hann analysis x synthesis sums to one at 50%
+overlap). It is causal and streams: its state is the half frame still waiting for the next latent's
+overlap, so decoding chunk by chunk equals decoding the whole clip. Output lags the input by one hop.
+
+Fitting (training/train_vae.py) is closed-form probabilistic PCA (Tipping & Bishop 1999), the maximum-
+likelihood linear-Gaussian VAE: W and the posterior noise variance come from one eigendecomposition.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-
-from engine.streaming import CausalConv1d, ConvState, Pointwise
 
 
 @dataclass(frozen=True)
 class VAEConfig:
     sample_rate: int = 16000
-    # 4 * 4 * 5 * 4 = 320 samples per latent: 50 latents/s, two per 25 fps video frame, and a 20 ms
-    # decode granularity, well inside the 120 ms video-to-sound budget.
-    strides: tuple[int, ...] = (4, 4, 5, 4)
-    # channels at each resolution, waveform end first; the decoder mirrors them.
-    channels: tuple[int, ...] = (16, 32, 64, 128, 192)
-    latent_dim: int = 32  # 32 x 50/s = 1600 numbers per second per ear: 10x fewer than samples
-    residual_dilations: tuple[int, ...] = (1, 3, 9)
+    hop: int = 320  # 50 latents/s: two per 25 fps video frame; 20 ms of decoder look-behind
+    latent_dim: int = 160  # re-encoded held-out scenes: ITD error ~40 us, ILD error ~1.1 dB (README)
+    compress: float = 0.5  # |X|^p before PCA, so quiet high bands (the ILD carriers) get dimensions
+    itd_band_hz: float = 1500.0  # the band whose phase carries the ITD (GCC-PHAT band, DESIGN.md 5)...
+    itd_band_weight: float = 4.0  # ...weighted up in the PCA metric: mean ITD error 170 -> 41 us at D=160
 
     @property
-    def hop(self) -> int:
-        out = 1
-        for s in self.strides:
-            out *= s
-        return out
+    def frame(self) -> int:
+        return 2 * self.hop
 
     @property
-    def latent_rate(self) -> float:
+    def bins(self) -> int:
+        return self.hop + 1
+
+    @property
+    def latents_per_second(self) -> float:
         return self.sample_rate / self.hop
 
     def to_json(self) -> dict:
@@ -46,146 +53,138 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, obj: dict) -> "VAEConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(obj) - known)
+        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown VAE config field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
+        return cls(**obj)
 
 
-INITIAL_LOGVAR = -10.0
+@dataclass
+class EncoderState:
+    """The previous hop of input samples, (B, hop)."""
 
+    history: torch.Tensor
 
-class ResidualUnit(nn.Module):
-    """ELU -> causal dilated conv (k=3) -> ELU -> 1x1 conv, added to the input."""
-
-    def __init__(self, channels: int, dilation: int):
-        super().__init__()
-        self.conv = CausalConv1d(channels, channels, 3, dilation=dilation)
-        self.mix = nn.Conv1d(channels, channels, 1)
-        self.act = nn.ELU()
-
-    def forward(self, x):
-        return x + self.mix(self.act(self.conv(self.act(x))))
-
-    def init_state(self, batch, device=None, dtype=torch.float32) -> list[ConvState]:
-        return self.conv.init_state(batch, device, dtype)
-
-    def step(self, x, state: list[ConvState]):
-        return x + self.mix(self.act(self.conv.step(self.act(x), state)))
-
-
-class SubpixelUpsample(nn.Module):
-    """Causal conv to `factor` x channels, then interleave: each input frame yields `factor` frames."""
-
-    def __init__(self, c_in: int, c_out: int, factor: int):
-        super().__init__()
-        self.conv = CausalConv1d(c_in, c_out * factor, 3)
-        self.factor, self.c_out = factor, c_out
-
-    def _shuffle(self, y):
-        b, _, t = y.shape
-        return y.view(b, self.c_out, self.factor, t).permute(0, 1, 3, 2).reshape(b, self.c_out, t * self.factor)
-
-    def forward(self, x):
-        return self._shuffle(self.conv(x))
-
-    def init_state(self, batch, device=None, dtype=torch.float32) -> list[ConvState]:
-        return self.conv.init_state(batch, device, dtype)
-
-    def step(self, x, state: list[ConvState]):
-        return self._shuffle(self.conv.step(x, state))
-
-
-class Encoder(nn.Module):
-    """Waveform (B, 1, T) -> latent mean and log-variance (B, D, T / hop); causal."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        layers: list[nn.Module] = [CausalConv1d(1, cfg.channels[0], 7)]
-        for c_in, c_out, stride in zip(cfg.channels[:-1], cfg.channels[1:], cfg.strides):
-            layers += [ResidualUnit(c_in, d) for d in cfg.residual_dilations]
-            layers += [nn.ELU(), CausalConv1d(c_in, c_out, 2 * stride, stride=stride)]
-        head = CausalConv1d(cfg.channels[-1], 2 * cfg.latent_dim, 3)
-        with torch.no_grad():  # start nearly deterministic: the decoder first sees the mean, not noise
-            head.conv.weight[cfg.latent_dim:].mul_(0.01)
-            head.conv.bias[cfg.latent_dim:].fill_(INITIAL_LOGVAR)
-        layers += [nn.ELU(), head]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, wave):
-        mean, logvar = self.net(wave).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 10.0)
-
-
-class Decoder(nn.Module):
-    """Latent (B, D, L) -> waveform (B, 1, L * hop); causal, with a streaming `step`."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        chans = list(reversed(cfg.channels))
-        layers: list[nn.Module] = [CausalConv1d(cfg.latent_dim, chans[0], 3)]
-        for c_in, c_out, factor in zip(chans[:-1], chans[1:], reversed(cfg.strides)):
-            layers += [ResidualUnit(c_in, d) for d in cfg.residual_dilations]
-            layers += [Pointwise(nn.ELU()), SubpixelUpsample(c_in, c_out, factor)]
-        layers += [ResidualUnit(chans[-1], d) for d in cfg.residual_dilations]
-        layers += [Pointwise(nn.ELU()), CausalConv1d(chans[-1], 1, 7)]
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, z):
-        for layer in self.layers:
-            z = layer(z)
-        return z
-
-    def init_state(self, batch: int, device=None, dtype=torch.float32) -> "DecoderState":
-        return DecoderState([layer.init_state(batch, device, dtype) for layer in self.layers])
-
-    def step(self, z, state: "DecoderState"):
-        """Decode the next latent frames (B, D, n) -> (B, 1, n * hop), updating state in place."""
-        for layer, layer_state in zip(self.layers, state.layers):
-            z = layer.step(z, layer_state)
-        return z
+    def reset(self) -> None:
+        self.history.zero_()
 
 
 @dataclass
 class DecoderState:
-    """Streaming state of a Decoder: the conv buffers of each layer."""
+    """The second half of the last synthesised frame, waiting for the next frame's overlap, (B, hop)."""
 
-    layers: list[list[ConvState]] = field(default_factory=list)
+    tail: torch.Tensor
 
-    def reset(self, mask: torch.Tensor | None = None) -> None:
-        for states in self.layers:
-            for s in states:
-                s.reset(mask)
+    def reset(self) -> None:
+        self.tail.zero_()
 
 
-class WaveVAE(nn.Module):
-    """Mono VAE shared by both ears: ears are folded into the batch."""
+def _dft_bases(frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sqrt-periodic-Hann window, windowed forward DFT basis (frame, 2 bins) and inverse (2 bins, frame)."""
+    n = torch.arange(frame, dtype=torch.float64)
+    window = torch.sin(math.pi * n / frame)  # sqrt of the periodic Hann window
+    bins = frame // 2 + 1
+    k = torch.arange(bins, dtype=torch.float64)
+    angle = 2 * math.pi * n[:, None] * k[None, :] / frame
+    forward = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1) * window[:, None]
+    # inverse real DFT: weight 1 for DC and Nyquist, 2 for the others
+    weight = torch.full((bins,), 2.0, dtype=torch.float64)
+    weight[0] = weight[-1] = 1.0
+    inverse = torch.cat([torch.cos(angle).T * weight[:, None], -torch.sin(angle).T * weight[:, None]], 0) / frame
+    return window.float(), forward.float(), (inverse * window[None, :]).float()
 
-    def __init__(self, cfg: VAEConfig = VAEConfig()):
+
+class SpectralVAE(nn.Module):
+    """Mono encoder/decoder shared by both ears: audio (B, E, T) <-> latents (B, E, D, T / hop)."""
+
+    def __init__(self, cfg: VAEConfig | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.cfg = cfg = cfg or VAEConfig()
+        _, forward, inverse = _dft_bases(cfg.frame)
+        self.register_buffer("analysis", forward, persistent=False)
+        self.register_buffer("synthesis", inverse, persistent=False)
+        freqs = torch.arange(cfg.bins) * cfg.sample_rate / cfg.frame
+        band = torch.where(freqs < cfg.itd_band_hz, cfg.itd_band_weight, 1.0)
+        self.register_buffer("band_weight", torch.cat([band, band]), persistent=False)
+        feat = 2 * cfg.bins
+        # fitted by training/train_vae.py; the identity-like defaults only make an unfitted model run
+        self.mean = nn.Parameter(torch.zeros(feat), requires_grad=False)
+        self.basis = nn.Parameter(torch.eye(feat, cfg.latent_dim), requires_grad=False)  # (feat, D) orthonormal
+        self.scale = nn.Parameter(torch.ones(cfg.latent_dim), requires_grad=False)  # sqrt of the PCA eigenvalues
+        self.posterior_logvar = nn.Parameter(torch.full((cfg.latent_dim,), -10.0), requires_grad=False)
 
-    def encode(self, audio: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
-        """Binaural (B, 2, T) -> latents (B, 2, D, T / hop): one latent sequence per ear."""
-        b, ears, t = audio.shape
-        if t % self.cfg.hop:
-            raise ValueError(f"audio length {t} is not a multiple of the VAE hop {self.cfg.hop}")
-        mean, logvar = self.encoder(audio.reshape(b * ears, 1, t))
-        z = mean + torch.randn(mean.shape, generator=generator, device=mean.device) * (0.5 * logvar).exp() \
-            if sample else mean
-        return z.reshape(b, ears, *z.shape[1:])
+    # ------------------------------------------------------------------------ per-frame maps
+    def _compress(self, spec: torch.Tensor) -> torch.Tensor:
+        re, im = spec.chunk(2, dim=-1)
+        mag2 = re * re + im * im
+        gain = (mag2 + 1e-12) ** ((self.cfg.compress - 1) / 2)
+        return spec * torch.cat([gain, gain], dim=-1)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 2, D, L) -> binaural (B, 2, L * hop)."""
-        b, ears, d, n = latents.shape
-        return self.decoder(latents.reshape(b * ears, d, n)).reshape(b, ears, -1)
+    def _expand(self, comp: torch.Tensor) -> torch.Tensor:
+        re, im = comp.chunk(2, dim=-1)
+        mag2 = re * re + im * im
+        gain = (mag2 + 1e-12) ** ((1 / self.cfg.compress - 1) / 2)
+        return comp * torch.cat([gain, gain], dim=-1)
 
-    def forward(self, audio: torch.Tensor):
-        """(reconstruction, mean, logvar) for training; ears folded into the batch."""
-        b, ears, t = audio.shape
-        mean, logvar = self.encoder(audio.reshape(b * ears, 1, t))
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        return self.decoder(z).reshape(b, ears, t), mean, logvar
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """Windowed frames (..., frame) -> compressed complex spectra as [re, im] (..., 2 bins)."""
+        return self._compress(frames @ self.analysis)
+
+    def code(self, feats: torch.Tensor) -> torch.Tensor:
+        return (((feats - self.mean) * self.band_weight) @ self.basis) / self.scale
+
+    def uncode(self, z: torch.Tensor) -> torch.Tensor:
+        return ((z * self.scale) @ self.basis.T) / self.band_weight + self.mean
+
+    # ------------------------------------------------------------------------ whole signals
+    def _frames(self, audio: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        hop = self.cfg.hop
+        if audio.shape[-1] % hop:
+            raise ValueError(f"audio length {audio.shape[-1]} is not a multiple of the VAE hop ({hop})")
+        x = torch.cat([history, audio], dim=-1)
+        count = audio.shape[-1] // hop
+        return torch.stack([x[..., l * hop:l * hop + 2 * hop] for l in range(count)], dim=-2)
+
+    def init_encoder(self, batch: int) -> EncoderState:
+        return EncoderState(torch.zeros(batch, self.cfg.hop, device=self.mean.device))
+
+    def init_decoder(self, batch: int) -> DecoderState:
+        return DecoderState(torch.zeros(batch, self.cfg.hop, device=self.mean.device))
+
+    def encode(self, audio: torch.Tensor, state: EncoderState | None = None) -> torch.Tensor:
+        """(B, E, T) or (B, T) audio -> posterior means (B, E, D, T / hop) or (B, D, T / hop).
+
+        With a state, encodes the next chunk of a stream (the state holds the previous hop)."""
+        lead = audio.shape[:-1]
+        flat = audio.reshape(-1, audio.shape[-1])
+        history = state.history if state is not None else flat.new_zeros(flat.shape[0], self.cfg.hop)
+        z = self.code(self.features(self._frames(flat, history)))  # (B', L, D)
+        if state is not None:
+            state.history.copy_(flat[:, -self.cfg.hop:])
+        return z.transpose(-1, -2).reshape(*lead, self.cfg.latent_dim, -1)
+
+    def decode(self, z: torch.Tensor, state: DecoderState | None = None) -> torch.Tensor:
+        """(..., D, L) latents -> (..., L * hop) samples, one hop behind (sample n is signal time n - hop).
+
+        With a state, decodes the next chunk of a stream; chunked decoding equals whole decoding."""
+        lead = z.shape[:-2]
+        flat = z.reshape(-1, *z.shape[-2:]).transpose(-1, -2)  # (B', L, D)
+        frames = self._expand(self.uncode(flat)) @ self.synthesis  # (B', L, frame)
+        hop, count = self.cfg.hop, flat.shape[1]
+        first, second = frames[..., :hop], frames[..., hop:]
+        tail = state.tail if state is not None else flat.new_zeros(flat.shape[0], hop)
+        # output hop l = second half of frame l - 1 (or the carried tail) + first half of frame l
+        previous = torch.cat([tail[:, None, :], second[:, :-1]], dim=1)
+        out = (previous + first).reshape(flat.shape[0], count * hop)
+        if state is not None:
+            state.tail.copy_(second[:, -1])
+        return out.reshape(*lead, count * hop)
+
+    def reconstruct(self, audio: torch.Tensor) -> torch.Tensor:
+        """Encode and decode a whole signal, time-aligned with the input (the last hop is incomplete)."""
+        hop = self.cfg.hop
+        z = self.encode(audio)
+        state = self.init_decoder(audio.reshape(-1, audio.shape[-1]).shape[0])
+        out = self.decode(z, state).reshape(-1, audio.shape[-1])
+        out = torch.cat([out[:, hop:], state.tail], dim=-1)
+        return out.reshape(audio.shape)

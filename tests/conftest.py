@@ -15,3 +15,37 @@ def clip_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("clips") / "seed5"
     assert main(["scene", "--seed", "5", "--duration", "2", "--out", str(out)]) == 0
     return out
+
+
+TINY_FLOW = {"latent_dim": 24, "width": 32, "heads": 2, "joint_blocks": 1, "branch_blocks": 1,
+             "vision_channels": [8, 8, 8, 8]}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny cache (4 scenes of 2 s), a fitted VAE, a teacher, a mono model and a 2-step student.
+
+    The models are untrained to any quality: they exist to exercise the real code paths quickly."""
+    import torch
+
+    from engine.flow import FlowConfig
+    from engine.vae import VAEConfig
+    from training.distill import DistillConfig, distill
+    from training.scene_cache import build_cache
+    from training.train_flow import TrainFlowConfig, train_flow
+    from training.train_vae import TrainVAEConfig, train_vae
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny")
+    cache = build_cache(root / "cache", 4, seconds=2.0, progress=False)
+    vae = train_vae(TrainVAEConfig(vae=VAEConfig(latent_dim=24), clips=3, cache=str(cache), eval_scenes=1),
+                    root / "vae", progress=False)
+    paths = {"root": root, "cache": cache, "vae": vae}
+    for name, ears in (("teacher", 2), ("mono", 1)):
+        cfg = TrainFlowConfig(flow=FlowConfig(**{**TINY_FLOW, "ears": ears}), vae=str(vae), cache=str(cache),
+                              holdout=1, steps=4, batch=4, warmup=1, eval_every=2, checkpoint_every=2)
+        paths[name] = train_flow(cfg, root / name, progress=False)
+    paths["student"] = distill(DistillConfig(teacher=str(paths["teacher"]), cache=str(cache), holdout=1, pool=8,
+                                             pool_batch=4, teacher_steps=5, steps=3, batch=4),
+                               root / "student", progress=False)
+    return paths

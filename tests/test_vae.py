@@ -1,11 +1,12 @@
-"""The per-ear waveform VAE: causality, streaming decode == whole decode, shapes."""
+"""The per-ear spectral VAE: perfect-reconstruction framing, causality, streaming == whole, the fit."""
+import numpy as np
 import pytest
 import torch
 
-from engine.streaming import CausalConv1d
-from engine.vae import VAEConfig, WaveVAE
+from engine.vae import SpectralVAE, VAEConfig
+from training.train_vae import TrainVAEConfig, fit_vae, load_vae, save_vae
 
-TINY = VAEConfig(strides=(2, 4, 5), channels=(4, 8, 8, 16), latent_dim=6)
+TINY = VAEConfig(hop=40, latent_dim=82, itd_band_weight=1.0)  # 82 = 2 * 41 bins: a complete basis, so decoding is exact
 
 
 @pytest.fixture(autouse=True)
@@ -13,137 +14,65 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def test_causal_conv_streams_and_is_causal():
-    torch.manual_seed(0)
-    conv = CausalConv1d(3, 5, 4, dilation=2)
-    x = torch.randn(2, 3, 40)
-    whole = conv(x)
-    state = conv.init_state(2)
-    chunks = [conv.step(x[..., a:b], state) for a, b in [(0, 7), (7, 8), (8, 25), (25, 40)]]
-    torch.testing.assert_close(torch.cat(chunks, -1), whole, atol=1e-6, rtol=0)
-    y = x.clone()
-    y[..., 30:] += 1.0
-    torch.testing.assert_close(conv(y)[..., :30], whole[..., :30])
-
-
-def test_strided_causal_conv_sees_only_its_past():
-    conv = CausalConv1d(1, 1, 8, stride=4)
-    x = torch.randn(1, 1, 32)
-    out = conv(x)
-    assert out.shape[-1] == 8
-    y = x.clone()
-    y[..., 12:] = 0.0  # frames 0..2 cover samples 0..11
-    torch.testing.assert_close(conv(y)[..., :3], out[..., :3])
-
-
-def test_vae_shapes_and_hop():
-    vae = WaveVAE(TINY)
-    audio = torch.randn(3, 2, TINY.hop * 7)
+def test_full_basis_reconstructs_exactly_one_hop_late():
+    vae = SpectralVAE(TINY)
+    audio = torch.randn(3, 2, 40 * 12)
     z = vae.encode(audio)
-    assert z.shape == (3, 2, 6, 7)
-    assert vae.decode(z).shape == audio.shape
+    assert z.shape == (3, 2, 82, 12)
+    decoded = vae.decode(z)
+    assert decoded.shape == audio.shape
+    # sample n of the decoder output is signal time n - hop
+    torch.testing.assert_close(decoded[..., 40:], audio[..., :-40], atol=1e-4, rtol=0)
+    torch.testing.assert_close(vae.reconstruct(audio)[..., :-40], audio[..., :-40], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="multiple of the VAE hop"):
         vae.encode(audio[..., :-1])
 
 
-def test_streaming_decode_equals_whole_decode():
+def test_streaming_encode_and_decode_equal_whole():
     torch.manual_seed(1)
-    vae = WaveVAE(TINY).eval()
-    z = torch.randn(2, TINY.latent_dim, 23)
-    with torch.no_grad():
-        whole = vae.decoder(z)
-        state = vae.decoder.init_state(2)
-        parts = [vae.decoder.step(z[..., a:b], state) for a, b in [(0, 1), (1, 5), (5, 6), (6, 23)]]
-    assert (torch.cat(parts, -1) - whole).abs().max() < 1e-5
-    # reset gives a fresh stream: decoding again from the start repeats the output
-    state.reset()
-    with torch.no_grad():
-        again = vae.decoder.step(z[..., :5], state)
-    torch.testing.assert_close(again, whole[..., : 5 * TINY.hop])
+    vae = SpectralVAE(TINY)
+    audio = torch.randn(2, 40 * 23)
+    whole_z = vae.encode(audio)
+    enc = vae.init_encoder(2)
+    bounds = [(0, 1), (1, 5), (5, 6), (6, 23)]
+    z = torch.cat([vae.encode(audio[:, a * 40:b * 40], enc) for a, b in bounds], -1)
+    torch.testing.assert_close(z, whole_z, atol=1e-5, rtol=0)
+    dec = vae.init_decoder(2)
+    parts = torch.cat([vae.decode(z[..., a:b], dec) for a, b in bounds], -1)
+    assert (parts - vae.decode(whole_z)).abs().max() < 1e-5
+    dec.reset()  # a reset stream repeats the output from the start
+    torch.testing.assert_close(vae.decode(z[..., :3], dec), parts[..., :120])
 
 
 def test_encoder_and_decoder_are_causal():
-    torch.manual_seed(2)
-    vae = WaveVAE(TINY).eval()
-    audio = torch.randn(1, 2, TINY.hop * 10)
-    with torch.no_grad():
-        z = vae.encode(audio)
-        changed = audio.clone()
-        changed[..., TINY.hop * 6:] += 1.0
-        z2 = vae.encode(changed)
-        torch.testing.assert_close(z2[..., :6], z[..., :6])
-        assert not torch.allclose(z2[..., 6:], z[..., 6:])
-        w = vae.decode(z)
-        z3 = z.clone()
-        z3[..., 6:] += 1.0
-        torch.testing.assert_close(vae.decode(z3)[..., : 6 * TINY.hop], w[..., : 6 * TINY.hop])
+    vae = SpectralVAE(TINY)
+    audio = torch.randn(1, 40 * 10)
+    later = audio.clone()
+    later[:, 6 * 40:] += 1.0  # change samples from hop 6 on
+    # latent l sees samples up to (l + 1) * hop: latents 0..4 unchanged
+    torch.testing.assert_close(vae.encode(later)[..., :5], vae.encode(audio)[..., :5])
+    z = vae.encode(audio)
+    z2 = z.clone()
+    z2[..., 7:] = 0.0
+    # decoder output hop l depends on latents <= l
+    torch.testing.assert_close(vae.decode(z2)[..., :7 * 40], vae.decode(z)[..., :7 * 40])
 
 
-def tiny_training_config(**kw):
-    from training.train_vae import TrainVAEConfig
+def test_fit_keeps_interaural_cues_and_round_trips_checkpoint(tmp_path):
+    from training.metrics import compare
+    from training.render import render_audio
+    from training.scene_spec import parse_scene
 
-    base = dict(vae=TINY, steps=6, batch=2, segment_seconds=0.25, eval_every=6, eval_scenes=1,
-                checkpoint_every=3, scene_pool=2, refresh_every=100, scene_seconds=1.0)
-    base.update(kw)
-    return TrainVAEConfig(**base)
-
-
-def test_training_checkpoints_resume_and_reload(tmp_path):
-    import json
-
-    from training.train_vae import load_vae, train_vae
-
-    cfg = tiny_training_config()
-    ckpt = train_vae(cfg, tmp_path / "run", progress=False, device="cpu")
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 7))
-    assert set(log[-1]["eval"]) >= {"stft_distance", "itd_error_us", "ild_error_db"}
-    model, info = load_vae(ckpt)
-    assert info["step"] == 6 and VAEConfig.from_json(info["config"]) == TINY
-    # resume: continues from step 6 to 9 without starting over
-    train_vae(tiny_training_config(steps=9), tmp_path / "run", resume=True, progress=False, device="cpu")
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log][-3:] == [7, 8, 9]
-    resumed, info = load_vae(ckpt)
-    assert info["step"] == 9
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
-
-
-def test_loss_decreases_on_a_fixed_batch():
-    from training.train_vae import vae_loss
-
-    torch.manual_seed(0)
-    cfg = tiny_training_config()
-    model = WaveVAE(TINY)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    t = torch.arange(TINY.hop * 20) / 16000
-    audio = torch.stack([torch.sin(2 * torch.pi * 440 * t), 0.5 * torch.sin(2 * torch.pi * 440 * (t - 3e-4))])[None]
-    losses = []
-    for _ in range(40):
-        recon, mean, logvar = model(audio)
-        loss = vae_loss(cfg, audio, recon, mean, logvar)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
-
-
-def test_bad_checkpoints_are_named(tmp_path):
-    from engine.checkpoint import CheckpointError, save_checkpoint
-    from training.train_vae import load_vae
-
-    with pytest.raises(CheckpointError, match="not found"):
-        load_vae(tmp_path / "none.safetensors")
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="junk.safetensors"):
-        load_vae(junk)
-    other = save_checkpoint(tmp_path / "other.safetensors", {"x": torch.zeros(1)}, "flow", {})
-    with pytest.raises(CheckpointError, match="'flow' checkpoint, expected 'vae'"):
-        load_vae(other)
-    model = WaveVAE(TINY)
-    wrong = save_checkpoint(tmp_path / "wrong.safetensors", model.state_dict(), "vae",
-                            {"config": VAEConfig(strides=(2, 4, 5), channels=(4, 8, 8, 32), latent_dim=6).to_json()})
-    with pytest.raises(CheckpointError, match="shape"):
-        load_vae(wrong)
+    vae = fit_vae(TrainVAEConfig(clips=3), progress=False)
+    assert 0.3 < vae.explained_variance < 1.0
+    scene = {"duration": 2.0, "seed": 3, "head": [{"t": 0, "yaw": 0, "pitch": 0, "roll": 0}],
+             "sources": [{"kind": "speech", "trajectory": [{"t": 0, "azimuth": 50, "elevation": 0, "distance": 2}]}]}
+    audio = render_audio(parse_scene(scene)).astype(np.float32)
+    recon = vae.reconstruct(torch.from_numpy(audio)).numpy()
+    m = compare(audio, recon, 16000)
+    assert m["itd_error_us_median"] < 40 and m["ild_error_db"] < 2.5, m  # a 3-clip fit; the full fit: ~1.1 dB
+    path = save_vae(tmp_path / "vae.safetensors", vae)
+    again, _ = load_vae(path)
+    torch.testing.assert_close(again.encode(torch.from_numpy(audio)), vae.encode(torch.from_numpy(audio)))
+    std = vae.encode(torch.from_numpy(audio)).std()  # whitened latents: about unit scale
+    assert 0.1 < float(std) < 3.0

@@ -145,6 +145,16 @@ def read_pose(path: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def read_video(path: Path | str) -> tuple[np.ndarray, float]:
+    """(frames (F, H, W, 3) uint8, fps) of an mp4 or of a clip folder's clip.mp4 (audio not decoded)."""
+    path = Path(path)
+    mp4 = path / "clip.mp4" if path.is_dir() else path
+    if not mp4.is_file():
+        raise ClipError(mp4, "video not found")
+    frames, fps, _ = _decode_mp4(mp4, want_audio=False, sample_rate=0)
+    return frames, fps
+
+
 def _decode_mp4(path: Path, want_audio: bool, sample_rate: int):
     """(frames (F, H, W, 3) uint8, fps, audio (2, N) float32 or None) of an mp4."""
     import av

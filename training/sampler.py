@@ -90,3 +90,28 @@ def random_scene(seed: int, duration: float = 8.0, num_sources: int | None = Non
     if use_room:
         scene["room"] = {"size": room_size, "rt60": _r(rng.uniform(0.2, 0.7))}
     return scene
+
+
+HEAD_TURN_DEG = 60.0
+
+
+def head_turn_scene(seed: int, duration: float = 8.0, sample_rate: int = 16000, fps: float = 25.0,
+                    frame_size=(128, 128)) -> dict:
+    """A fixed, continuously sounding visible source near the front; the head sweeps yaw +-60 degrees
+    (one full sweep per 4 s, linear segments), so the source's lateral angle swings across the head."""
+    rng = np.random.default_rng([seed, 0x7E4D])
+    continuous = sorted(k for k, v in KINDS.items() if not v.impulsive)
+    kind = continuous[rng.integers(len(continuous))]
+    source = {"kind": kind, "visible": True,
+              "trajectory": [{"t": 0.0, "azimuth": _r(rng.uniform(-20, 20)), "elevation": _r(rng.uniform(-5, 10)),
+                              "distance": _r(rng.uniform(1.5, 4.0))}]}
+    keys, t, sign = [], 0.0, 1.0 if rng.random() < 0.5 else -1.0
+    keys.append({"t": 0.0, "yaw": 0.0, "pitch": 0.0, "roll": 0.0})
+    t = 1.0
+    while t <= duration:
+        keys.append({"t": _r(t), "yaw": sign * HEAD_TURN_DEG, "pitch": 0.0, "roll": 0.0})
+        sign, t = -sign, t + 2.0
+    if keys[-1]["t"] < duration:
+        keys.append({"t": duration, "yaw": 0.0, "pitch": 0.0, "roll": 0.0})
+    return {"duration": duration, "sample_rate": sample_rate, "fps": fps, "frame_size": list(frame_size),
+            "fov": 90.0, "seed": int(seed), "sources": [source], "head": keys}

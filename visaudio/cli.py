@@ -149,20 +149,123 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cmd_train_vae(args) -> int:
+def _threads(args) -> None:
     import torch
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_cache(args) -> int:
+    from training.scene_cache import build_cache, cache_from_dataset
+
+    try:
+        if args.from_dataset:
+            out = cache_from_dataset(args.out, args.from_dataset, seconds=args.duration)
+        else:
+            out = build_cache(args.out, args.count, seed=args.seed, seconds=args.duration, jobs=args.jobs)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {out}/")
+    return 0
+
+
+def cmd_train_vae(args) -> int:
     from engine.checkpoint import CheckpointError
     from training.train_vae import load_config, train_vae
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     try:
-        cfg = load_config(args.config, {"steps": args.steps, "data_dir": args.data})
-        ckpt = train_vae(cfg, args.out, resume=args.resume, device=args.device)
+        ckpt = train_vae(load_config(args.config, {"cache": args.cache}), args.out)
+    except (ValueError, CheckpointError, OSError) as exc:
+        return _fail(str(exc))
+    report = json.loads((Path(args.out) / "vae_report.json").read_text())
+    print(f"wrote {ckpt}: explained variance {report['explained_variance']:.3f}; held-out reconstruction "
+          + ", ".join(f"{k} {v:.3g}" for k, v in report["eval"].items()))
+    return 0
+
+
+def cmd_train_flow(args) -> int:
+    from engine.checkpoint import CheckpointError
+    from training.train_flow import load_config, train_flow
+
+    _threads(args)
+    try:
+        cfg = load_config(args.config, {"steps": args.steps, "cache": args.cache, "vae": args.vae})
+        ckpt = train_flow(cfg, args.out, resume=args.resume, device=args.device)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     print(f"wrote {ckpt}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from engine.checkpoint import CheckpointError
+    from training.distill import distill, load_config
+
+    _threads(args)
+    try:
+        ckpt = distill(load_config(args.config, {"teacher": args.teacher, "steps": args.steps}), args.out, args.device)
+    except (ValueError, CheckpointError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {ckpt}")
+    return 0
+
+
+def _load(path):
+    from engine.model import load_model
+
+    return load_model(path)[0]
+
+
+def cmd_eval(args) -> int:
+    from engine.checkpoint import CheckpointError
+    from engine.model import DEFAULT_CHECKPOINT
+    from training.evaluate import eval_scenes, evaluate, format_report, save_report
+
+    _threads(args)
+    shipped = DEFAULT_CHECKPOINT.parent
+    teacher = args.teacher or (shipped / "teacher.safetensors" if args.checkpoint is None else None)
+    mono = args.mono or (shipped / "mono.safetensors" if args.checkpoint is None else None)
+    try:
+        model = _load(args.checkpoint)
+        teacher = _load(teacher) if teacher and not args.no_teacher else None
+        mono = _load(mono) if mono and not args.no_baselines else None
+    except (CheckpointError, ValueError) as exc:
+        return _fail(str(exc))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
+    report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png")
+    report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
+    save_report(report, out / "eval.json")
+    print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    import numpy as np
+    import soundfile as sf
+
+    from engine.checkpoint import CheckpointError
+    from engine.generate import generate
+    from training.clips import ClipError, read_pose, read_video
+
+    _threads(args)
+    try:
+        model = _load(args.checkpoint)
+        frames, fps = read_video(args.video)
+        pose_file = Path(args.pose) if args.pose else Path(args.video) / "pose.jsonl"
+        pose = read_pose(pose_file) if args.pose or pose_file.is_file() else None
+        audio = generate(model, frames, fps, pose, seed=args.seed, hop_latents=args.hop, progress=True)
+    except (CheckpointError, ClipError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    if audio.shape[0] == 1:
+        audio = np.repeat(audio, 2, axis=0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out, audio.T.astype(np.float32), model.vae.cfg.sample_rate, subtype="FLOAT")
+    print(f"wrote {out}: {audio.shape[1] / model.vae.cfg.sample_rate:.2f} s, 2 channels (0 = left ear)")
     return 0
 
 
@@ -223,21 +326,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("train", help="train a model: `train vae` (the per-ear waveform autoencoder)")
+    p = sub.add_parser("cache", help="render N random scenes (or a dataset folder) into a training cache",
+                       description="Writes memory-mappable .npy arrays (frames at 64 px, pose, binaural audio) + "
+                                   "index.json, which `train vae`, `train flow` and `distill` read.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=1_000_000, help="first scene seed (default 1000000)")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--from-dataset", help="cache the clips of this dataset folder instead of rendering")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="train a model: `train vae` (per-ear audio autoencoder), `train flow`")
     train = p.add_subparsers(dest="model", required=True, metavar="MODEL")
-    p = train.add_parser("vae", help="train the per-ear waveform VAE on scene-engine audio",
-                         description="Train the mono waveform VAE shared by both ears. Config: JSON or YAML with "
-                                     "the fields of training.train_vae.TrainVAEConfig (nested 'vae' for the "
-                                     "model). Writes OUT/vae.safetensors (+ optimizer state, config.json, "
-                                     "log.jsonl); --resume continues from them.")
-    p.add_argument("--config", help="JSON/YAML training config (default: built-in defaults)")
-    p.add_argument("--out", default="out/vae", help="output folder (default out/vae)")
-    p.add_argument("--steps", type=int, help="override the number of steps")
-    p.add_argument("--data", help="dataset folder to train on (default: render scenes on the fly)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p = train.add_parser("vae", help="fit the per-ear spectral VAE (closed-form PPCA) and evaluate it",
+                         description="Config: JSON/YAML with the fields of training.train_vae.TrainVAEConfig "
+                                     "(nested 'vae' for the model). Writes OUT/vae.safetensors, OUT/vae_report.json.")
+    p.add_argument("--config", help="JSON/YAML config (default: built-in defaults)")
+    p.add_argument("--out", default="out/vae")
+    p.add_argument("--cache", help="training cache folder (overrides the config)")
+    p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_train_vae)
+    p = train.add_parser("flow", help="train the flow network (teacher, or the mono baseline with flow.ears = 1)",
+                         description="Config: JSON/YAML with the fields of training.train_flow.TrainFlowConfig "
+                                     "(nested 'flow'). Writes OUT/model.safetensors (EMA weights + VAE), "
+                                     "OUT/state.safetensors (resume), OUT/log.jsonl. Multi-GPU or multi-process: "
+                                     "torchrun --nproc_per_node N -m visaudio.cli train flow ...")
+    p.add_argument("--config")
+    p.add_argument("--out", default="out/teacher")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cache")
+    p.add_argument("--vae", help="VAE checkpoint (overrides the config)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train_flow)
+
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student (guidance folded in)",
+                       description="Trajectory distillation (training/distill.py). Config: JSON/YAML with the "
+                                   "fields of training.distill.DistillConfig. Writes OUT/model.safetensors.")
+    p.add_argument("--config")
+    p.add_argument("--teacher")
+    p.add_argument("--out", default="out/student")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="score a model, its teacher and the baselines on held-out scenes",
+                       description="Renders N held-out single-source scenes and N/10 head-turn scenes, generates "
+                                   "through the streaming hop loop and reports the metrics (training/evaluate.py); "
+                                   "writes OUT/eval.json and OUT/head_turn.png. Without --checkpoint: the shipped "
+                                   "student, teacher and mono baseline from checkpoints/.")
+    p.add_argument("--checkpoint", help="model checkpoint (default: checkpoints/default.safetensors)")
+    p.add_argument("--teacher", help="teacher checkpoint to compare with")
+    p.add_argument("--mono", help="mono-baseline checkpoint (gives both baselines)")
+    p.add_argument("--no-teacher", action="store_true")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--teacher-scenes", type=int, default=40, help="single scenes the (slow) teacher runs (default 40)")
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--head-turns", type=int, help="head-turn scenes (default max(4, N / 10))")
+    p.add_argument("--seed", type=int, default=20_000)
+    p.add_argument("--hop", type=int, default=4, help="latent frames per hop (default 4 = 80 ms)")
+    p.add_argument("--out", default="out/eval")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("render", help="generate binaural audio for a video (its audio track is ignored), offline",
+                       description="Runs the streaming hop loop over the video's frames and head pose. VIDEO is an "
+                                   "mp4 or a clip folder. Video must be 25 fps with square frames whose side is a "
+                                   "multiple of 64.")
+    p.add_argument("video")
+    p.add_argument("--pose", help="pose.jsonl (docs/FORMATS.md); default: the clip folder's, else unknown")
+    p.add_argument("--out", required=True, help="output WAV (float32, 2 channels, 0 = left)")
+    p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hop", type=int, default=4)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("demo", help="the main job on the shipped default: render the demo scene and show it")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")

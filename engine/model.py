@@ -1,0 +1,81 @@
+"""A complete generator: the per-ear VAE, the flow network and how to sample it, in one checkpoint.
+
+The checkpoint is one safetensors file (tensors `vae.*` and `flow.*`) whose JSON metadata holds both
+configs, the sampler settings and how the model was made. Teachers sample with Euler + CFG; distilled
+students carry their own time grid and guidance 1 (guidance is folded into their weights).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from engine.flow import FlowConfig, FlowNet
+from engine.vae import SpectralVAE, VAEConfig
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default.safetensors"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    times: tuple[float, ...] = tuple(i / 25 for i in range(26))  # Euler grid from noise (0) to data (1)
+    guidance: float = 4.5  # classifier-free guidance scale (MMAudio's default); 1 = none
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per hop (CFG doubles the batch, which we count as two)."""
+        return (len(self.times) - 1) * (1 if self.guidance == 1.0 else 2)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "SamplerConfig":
+        return cls(times=tuple(float(t) for t in obj["times"]), guidance=float(obj["guidance"]))
+
+
+class BinauralModel(nn.Module):
+    def __init__(self, vae: SpectralVAE, flow: FlowNet, sampler: SamplerConfig, role: str = "teacher"):
+        super().__init__()
+        if flow.cfg.latent_dim != vae.cfg.latent_dim:
+            raise ValueError(f"flow latent_dim {flow.cfg.latent_dim} != VAE latent_dim {vae.cfg.latent_dim}")
+        self.vae, self.flow, self.sampler, self.role = vae, flow, sampler, role
+
+    @property
+    def ears(self) -> int:
+        return self.flow.cfg.ears
+
+
+def save_model(path: Path | str, model: BinauralModel, info: dict | None = None,
+               flow_state: dict | None = None) -> Path:
+    """Write the model (flow_state overrides the flow weights, e.g. with an EMA copy)."""
+    tensors = {f"vae.{k}": v for k, v in model.vae.state_dict().items()}
+    tensors.update({f"flow.{k}": v for k, v in (flow_state or model.flow.state_dict()).items()})
+    meta = {"vae_config": model.vae.cfg.to_json(), "flow_config": model.flow.cfg.to_json(),
+            "sampler": model.sampler.to_json(), "role": model.role, **(info or {})}
+    return save_checkpoint(path, tensors, "model", meta)
+
+
+def load_model(path: Path | str | None = None, device="cpu") -> tuple[BinauralModel, dict]:
+    """Load a model checkpoint (default: the shipped one)."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    tensors, info = load_checkpoint(path, "model")
+    try:
+        vae = SpectralVAE(VAEConfig.from_json(info["vae_config"]))
+        flow = FlowNet(FlowConfig.from_json(info["flow_config"]))
+        sampler = SamplerConfig.from_json(info["sampler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model description ({exc})") from exc
+    split = {"vae": {}, "flow": {}}
+    for name, value in tensors.items():
+        part, _, rest = name.partition(".")
+        if part not in split:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}")
+        split[part][rest] = value.float()
+    load_weights(vae, split["vae"], path)
+    load_weights(flow, split["flow"], path)
+    model = BinauralModel(vae, flow, sampler, info.get("role", "teacher"))
+    return model.to(device).eval(), info

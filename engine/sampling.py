@@ -1,0 +1,61 @@
+"""Samplers for one window: one signature for all (k-diffusion style), noise injected by the caller.
+
+A sampler integrates the flow ODE dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) over the given
+time grid and calls `callback(i, t, x)` after each step. `WindowFlow` turns the network into such a
+velocity function for one window: context positions are held at their clean latents, only the horizon
+moves, and classifier-free guidance (Ho & Salimans 2022) mixes the conditional and null-condition
+velocities in one batched call.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Callable
+
+import torch
+
+from engine.flow import ROLE_HORIZON, Conditions, FlowNet
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def uniform_times(steps: int, device=None) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
+def sample_euler(velocity: Velocity, noise: torch.Tensor, times: torch.Tensor,
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Euler integration of the flow from times[0] to times[-1]; len(times) - 1 network evaluations."""
+    x = noise
+    for i in range(len(times) - 1):
+        t = times[i].expand(x.shape[0])
+        x = x + (times[i + 1] - times[i]) * velocity(x, t)
+        if callback is not None:
+            callback(i, times[i + 1], x)
+    return x
+
+
+class WindowFlow:
+    """The velocity of one window's horizon given its context and conditions, with optional CFG."""
+
+    def __init__(self, net: FlowNet, context: torch.Tensor, roles: torch.Tensor, cond: Conditions,
+                 null_cond: Conditions | None = None, guidance: float = 1.0):
+        """context (B, E, W, D): clean latents at context positions (anything elsewhere); roles (B, W)."""
+        self.net, self.guidance = net, guidance
+        self.horizon = (roles == ROLE_HORIZON)[:, None, :, None]
+        self.context = torch.where(self.horizon, torch.zeros_like(context), context)
+        if guidance != 1.0:
+            if null_cond is None:
+                raise ValueError("guidance needs the null conditions")
+            self.cond = Conditions(**{f.name: torch.cat([getattr(cond, f.name), getattr(null_cond, f.name)])
+                                      for f in fields(Conditions)})
+        else:
+            self.cond = cond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        window = torch.where(self.horizon, x, self.context)
+        if self.guidance == 1.0:
+            v = self.net.velocity(window, t, self.cond)
+        else:
+            cond_v, null_v = self.net.velocity(torch.cat([window, window]), torch.cat([t, t]), self.cond).chunk(2)
+            v = null_v + self.guidance * (cond_v - null_v)
+        return torch.where(self.horizon, v, torch.zeros_like(v))

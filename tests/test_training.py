@@ -1,0 +1,103 @@
+"""Training, resume, DDP, distillation, evaluation and the CLI on tiny configs (real code paths)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import TINY_FLOW
+from engine.checkpoint import load_checkpoint
+from engine.flow import FlowConfig
+from engine.model import load_model
+from training.train_flow import TrainFlowConfig, train_flow
+from visaudio.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cfg(paths, **kw):
+    base = dict(flow=FlowConfig(**TINY_FLOW), vae=str(paths["vae"]), cache=str(paths["cache"]), holdout=1,
+                steps=4, batch=4, warmup=1, eval_every=2, checkpoint_every=2)
+    return TrainFlowConfig(**{**base, **kw})
+
+
+def test_models_carry_their_sampler_and_role(tiny_models):
+    teacher, info = load_model(tiny_models["teacher"])
+    student, sinfo = load_model(tiny_models["student"])
+    mono, _ = load_model(tiny_models["mono"])
+    assert (teacher.role, student.role, mono.role) == ("teacher", "student", "mono")
+    assert teacher.sampler.evaluations == 50 and student.sampler.evaluations == 2
+    assert mono.ears == 1 and teacher.ears == 2
+    assert info["train"]["step"] == 4 and sinfo["distill"]["config"]["student_times"] == [0.0, 0.5, 1.0]
+
+
+def test_training_is_reproducible_and_resumes(tiny_models, tmp_path):
+    a = train_flow(_cfg(tiny_models), tmp_path / "a", progress=False)
+    b = train_flow(_cfg(tiny_models), tmp_path / "b", progress=False)
+    ta, _ = load_checkpoint(a, "model")
+    tb, _ = load_checkpoint(b, "model")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    more = train_flow(_cfg(tiny_models, steps=6), tmp_path / "a", resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    _, info = load_checkpoint(more, "model")
+    assert info["train"]["step"] == 6
+    with pytest.raises(ValueError, match="another flow config"):
+        train_flow(_cfg(tiny_models, steps=8, flow=FlowConfig(**{**TINY_FLOW, "width": 64})), tmp_path / "a",
+                   resume=True, progress=False)
+
+
+def test_two_process_ddp_with_gloo(tiny_models, tmp_path):
+    cfg = _cfg(tiny_models).to_json()
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "visaudio.cli", "train", "flow", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "ddp"),
+           "--device", "cpu"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, info = load_checkpoint(tmp_path / "ddp" / "model.safetensors", "model")
+    assert info["train"]["world_size"] == 2 and info["train"]["step"] == 4
+
+
+def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--checkpoint", str(tiny_models["student"]), "--teacher", str(tiny_models["teacher"]),
+                 "--mono", str(tiny_models["mono"]), "--scenes", "1", "--head-turns", "1", "--teacher-scenes", "1",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["systems"]) >= {"student", "teacher", "mono copied", "two-stage"}
+    for name in ("student", "teacher", "mono copied", "two-stage"):
+        m = report["systems"][name]
+        assert np.isfinite(m["itd_error_us"]) and m["head_turn_correlation"] is not None
+    assert report["systems"]["student"]["evaluations_per_hop"] == 2
+    assert (out / "head_turn.png").stat().st_size > 10_000
+
+
+def test_render_cli_writes_video_length_audio(tiny_models, clip_dir, tmp_path):
+    out = tmp_path / "out.wav"
+    assert main(["render", str(clip_dir), "--out", str(out), "--checkpoint", str(tiny_models["student"])]) == 0
+    audio, rate = sf.read(out, always_2d=True)
+    assert rate == 16000 and audio.shape == (32000, 2)
+    mono = tmp_path / "mono.wav"
+    assert main(["render", str(clip_dir / "clip.mp4"), "--out", str(mono), "--checkpoint", str(tiny_models["mono"])]) == 0
+    audio, _ = sf.read(mono, always_2d=True)
+    np.testing.assert_array_equal(audio[:, 0], audio[:, 1])
+
+
+def test_render_cli_rejects_bad_inputs(tiny_models, clip_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["render", str(clip_dir), "--out", str(tmp_path / "o.wav"), "--checkpoint", str(bad)]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    assert main(["render", str(clip_dir), "--out", str(tmp_path / "o.wav"), "--checkpoint", str(tiny_models["vae"])]) == 2
+    assert "expected 'model'" in capsys.readouterr().err
+    assert main(["render", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "o.wav"),
+                 "--checkpoint", str(tiny_models["student"])]) == 2
+    assert "video not found" in capsys.readouterr().err

@@ -1,0 +1,223 @@
+"""`visaudio eval`: held-out scenes through the streaming hop loop, scored with the foundation metrics.
+
+Scenes (never seen in training: seeds from EVAL_SEED, training caches start at 1,000,000):
+  * single: random BiAudio-style scenes with one visible source (training.sampler.random_scene);
+  * head_turn: a fixed source, the head sweeping yaw +-60 degrees (training.sampler.head_turn_scene).
+Systems: the model (a distilled student or a teacher), optionally its teacher, and the two baselines on
+the mono model: mono copied to both ears, and two-stage (mono + HRTF at the visually localised
+direction). All generate through engine.generate, the runtime's hop loop, from the rendered frames and
+head pose; the audio of the scene is only the reference.
+
+Reported per system:
+  stft_distance, envelope_distance, itd_error_us, ild_error_db, ic_error: mean over single scenes;
+  lateral_error_deg: median over frames where the dominant source is visible and within +-60 degrees
+      of straight ahead (coherence-gated as in training.metrics.direction_error);
+  onset_within_40ms: fraction of visible events with an audio onset within 40 ms (pooled);
+  head_turn_correlation: Pearson r of the output's lateral angle (ITD, Woodworth) against the truth over
+      the active frames of each head-turn scene, mean over scenes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.generate import generate_batch
+from engine.geometry import lateral_angle
+from engine.model import BinauralModel
+from training.train_vae import EVAL_SEED
+
+MAX_AZIMUTH = 60.0
+HEAD_TURN_SEED = EVAL_SEED + 50_000
+
+
+@dataclass
+class EvalScene:
+    kind: str  # "single" or "head_turn"
+    frames: np.ndarray
+    pose: np.ndarray  # (F, 4) t, yaw, pitch, roll
+    audio: np.ndarray  # (2, N) reference
+    meta: dict
+    fps: float
+    sample_rate: int
+    seed: int
+
+
+def eval_scenes(count: int, seed: int = EVAL_SEED, head_turns: int | None = None, progress: bool = True) -> list[EvalScene]:
+    from tqdm import tqdm
+
+    from training.render import render_scene
+    from training.sampler import head_turn_scene, random_scene
+    from training.scene_spec import parse_scene
+
+    head_turns = max(4, count // 10) if head_turns is None else head_turns
+    specs = [("single", seed + i, random_scene(seed + i, num_sources=1)) for i in range(count)]
+    specs += [("head_turn", HEAD_TURN_SEED + seed + i, head_turn_scene(HEAD_TURN_SEED + seed + i)) for i in range(head_turns)]
+    out = []
+    for kind, s, spec in tqdm(specs, desc="scenes", disable=not progress):
+        r = render_scene(parse_scene(spec))
+        out.append(EvalScene(kind, r.frames, r.pose, r.audio, r.meta, r.spec.fps, r.spec.sample_rate, s))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ systems
+
+
+def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 4, batch: int = 16,
+              progress: bool = True) -> list[np.ndarray]:
+    """Generate every scene through the hop loop, `batch` scenes as parallel streams."""
+    from tqdm import tqdm
+
+    outs = []
+    for i in tqdm(range(0, len(scenes), batch), desc=f"{model.role}", disable=not progress):
+        group = scenes[i:i + batch]
+        frames = np.stack([s.frames for s in group])
+        outs += list(generate_batch(model, frames, group[0].fps, [s.pose for s in group], [s.seed for s in group],
+                                    hop_latents))
+    return outs
+
+
+def mono_copy(mono_outputs: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.repeat(m[:1], 2, axis=0) for m in mono_outputs]
+
+
+def two_stage(mono_outputs: list[np.ndarray], scenes: list[EvalScene]) -> list[np.ndarray]:
+    from training.baselines import localise, spatialise
+
+    out = []
+    for m, s in zip(mono_outputs, scenes):
+        az, el, _ = localise(s.frames, s.meta["scene"].get("fov", 90.0))
+        out.append(spatialise(m[0].astype(np.float64), az, el, s.fps, s.sample_rate))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
+    """The metrics of one system over the scene set (see the module docstring)."""
+    from training.metrics import binaural_cues, compare, direction_error, meta_tracks, onset_sync
+
+    ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
+    refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
+    for audio, scene in zip(outputs, scenes):
+        audio = np.asarray(audio, np.float64)
+        if scene.kind == "single":
+            refs.append(compare(scene.audio, audio, scene.sample_rate))
+            d = direction_error(audio, scene.sample_rate, scene.meta)
+            series = d["series"]
+            _, az, _, _, visible = meta_tracks(scene.meta)
+            f = np.clip(np.rint(series["times"] * scene.fps).astype(int), 0, len(az) - 1)
+            in_view = visible[f, 0] & (np.abs(az[f, 0]) <= MAX_AZIMUTH)
+            sel = series["scored"] & in_view
+            lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
+            sync = onset_sync(audio, scene.sample_rate, scene.meta)
+            events += sync["events"]
+            hits += round((sync["within_40ms"] or 0.0) * sync["events"])
+        else:
+            cues = binaural_cues(audio, scene.sample_rate)
+            from engine.geometry import woodworth_lateral
+            from training.metrics import HEAD_RADIUS
+
+            est = woodworth_lateral(cues.itd, HEAD_RADIUS)
+            _, az, el, _, _ = meta_tracks(scene.meta)
+            f = np.clip(np.rint(cues.times * scene.fps).astype(int), 0, len(az) - 1)
+            truth = lateral_angle(az[f, 0], el[f, 0])
+            use = cues.active
+            ok = use.sum() > 2 and np.std(est[use]) > 0
+            correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
+    result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}
+    pooled = np.concatenate(lateral_errors) if lateral_errors else np.zeros(0)
+    result.update(lateral_error_deg=float(np.median(pooled)) if len(pooled) else None,
+                  lateral_frames=int(len(pooled)),
+                  onset_within_40ms=hits / events if events else None, visible_events=events,
+                  head_turn_correlation=float(np.mean(correlations)) if correlations else None)
+    return result
+
+
+def lateral_track(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from engine.geometry import woodworth_lateral
+    from training.metrics import HEAD_RADIUS, binaural_cues
+
+    cues = binaural_cues(np.asarray(audio, np.float64), sample_rate)
+    return cues.times, woodworth_lateral(cues.itd, HEAD_RADIUS), cues.active
+
+
+def plot_head_turn(outputs: dict[str, np.ndarray], scene: EvalScene, path: Path) -> Path:
+    """Lateral angle over time of each system against the metadata for one head-turn scene."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.metrics import meta_tracks
+
+    times, az, el, _, visible = meta_tracks(scene.meta)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(times, lateral_angle(az[:, 0], el[:, 0]), "k-", lw=2.5, label="truth (metadata)")
+    ax.fill_between(times, -90, 90, where=~visible[:, 0], color="0.9", label="source off screen")
+    for name, audio in outputs.items():
+        t, lat, active = lateral_track(audio, scene.sample_rate)
+        ax.plot(t, np.where(active, lat, np.nan), ".", ms=3, label=name)
+    ax.set(xlabel="time (s)", ylabel="lateral angle (deg, + = left)", ylim=(-90, 90),
+           title=f"head-turn scene {scene.seed}: yaw sweeps +-60 deg, fixed source")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
+             mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
+             plot: Path | None = None, progress: bool = True) -> dict:
+    """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns) and
+    the baselines; optionally plot the first head-turn scene."""
+    report = {"scenes": {"single": sum(s.kind == "single" for s in scenes),
+                         "head_turn": sum(s.kind == "head_turn" for s in scenes)},
+              "hop_latents": hop_latents, "systems": {}}
+    outputs = {}
+    out = run_model(model, scenes, hop_latents, progress=progress)
+    report["systems"][model.role] = {"evaluations_per_hop": model.sampler.evaluations, **score(out, scenes)}
+    outputs[model.role] = out
+    if teacher is not None:
+        subset = [s for s in scenes if s.kind == "single"][:teacher_scenes] + [s for s in scenes if s.kind == "head_turn"]
+        tout = run_model(teacher, subset, hop_latents, progress=progress)
+        report["systems"]["teacher"] = {"evaluations_per_hop": teacher.sampler.evaluations, "scenes": len(subset),
+                                        **score(tout, subset)}
+        index = {id(s): i for i, s in enumerate(subset)}
+        outputs["teacher"] = [tout[index[id(s)]] if id(s) in index else None for s in scenes]
+        report["systems"][f"{model.role} (same scenes as teacher)"] = score([out[scenes.index(s)] for s in subset], subset)
+    if mono is not None:
+        mout = run_model(mono, scenes, hop_latents, progress=progress)
+        outputs["mono copied"], outputs["two-stage"] = mono_copy(mout), two_stage(mout, scenes)
+        report["systems"]["mono copied"] = score(outputs["mono copied"], scenes)
+        report["systems"]["two-stage"] = score(outputs["two-stage"], scenes)
+    turns = [i for i, s in enumerate(scenes) if s.kind == "head_turn"]
+    if plot is not None and turns:
+        i = turns[0]
+        report["plot"] = str(plot_head_turn({k: v[i] for k, v in outputs.items() if v[i] is not None}, scenes[i], plot))
+    return report
+
+
+def format_report(report: dict) -> str:
+    cols = [("evaluations_per_hop", "NFE/hop", "{:.0f}"), ("lateral_error_deg", "lat.err deg", "{:.1f}"),
+            ("itd_error_us", "ITD err us", "{:.0f}"), ("ild_error_db", "ILD err dB", "{:.2f}"),
+            ("onset_within_40ms", "onset<=40ms", "{:.2f}"), ("head_turn_correlation", "turn r", "{:.2f}"),
+            ("stft_distance", "STFT", "{:.4f}"), ("envelope_distance", "ENV", "{:.4f}")]
+    lines = [f"{'system':<32}" + "".join(f"{h:>13}" for _, h, _ in cols)]
+    for name, m in report["systems"].items():
+        cells = [fmt.format(m[k]) if m.get(k) is not None else "-" for k, _, fmt in cols]
+        lines.append(f"{name:<32}" + "".join(f"{c:>13}" for c in cells))
+    s = report["scenes"]
+    lines.append(f"{s['single']} single-source scenes, {s['head_turn']} head-turn scenes, hop {report['hop_latents']} latents")
+    return "\n".join(lines)
+
+
+def save_report(report: dict, path: Path) -> Path:
+    path.write_text(json.dumps(report, indent=1))
+    return path
