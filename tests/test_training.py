@@ -69,7 +69,7 @@ def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--checkpoint", str(tiny_models["student"]), "--teacher", str(tiny_models["teacher"]),
                  "--mono", str(tiny_models["mono"]), "--scenes", "1", "--head-turns", "1", "--teacher-scenes", "1",
-                 "--out", str(out), "--json"])
+                 "--seam-seconds", "4", "--out", str(out), "--json"])
     assert code == 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["systems"]) >= {"student", "teacher", "mono copied", "two-stage"}
@@ -78,6 +78,7 @@ def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
         assert np.isfinite(m["itd_error_us"]) and m["head_turn_correlation"] is not None
     assert report["systems"]["student"]["evaluations_per_hop"] == 2
     assert (out / "head_turn.png").stat().st_size > 10_000
+    assert report["seams"]["chunked_vs_whole_decode_max_abs"] < 1e-4 and report["seams"]["ratio"] > 0
 
 
 def test_render_cli_writes_video_length_audio(tiny_models, clip_dir, tmp_path):

@@ -115,7 +115,7 @@ def distill(cfg: DistillConfig, out_dir: Path | str, device: str | None = None, 
     start = time.time()
     pool = teacher_pool(teacher, windows, cfg, device, progress)
     pool_seconds = time.time() - start
-    student = FlowNet(teacher.cfg).to(device)
+    student = FlowNet(teacher.cfg, pretrained_vision=False).to(device)
     student.load_state_dict(teacher.state_dict())
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)

@@ -174,7 +174,7 @@ def plot_head_turn(outputs: dict[str, np.ndarray], scene: EvalScene, path: Path)
 
 def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
              mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
-             plot: Path | None = None, progress: bool = True) -> dict:
+             plot: Path | None = None, seam_seconds: float = 60.0, progress: bool = True) -> dict:
     """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns) and
     the baselines; optionally plot the first head-turn scene."""
     report = {"scenes": {"single": sum(s.kind == "single" for s in scenes),
@@ -197,11 +197,44 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
         outputs["mono copied"], outputs["two-stage"] = mono_copy(mout), two_stage(mout, scenes)
         report["systems"]["mono copied"] = score(outputs["mono copied"], scenes)
         report["systems"]["two-stage"] = score(outputs["two-stage"], scenes)
+    if seam_seconds:
+        report["seams"] = seams(model, seam_seconds, hop_latents=hop_latents)
     turns = [i for i, s in enumerate(scenes) if s.kind == "head_turn"]
     if plot is not None and turns:
         i = turns[0]
         report["plot"] = str(plot_head_turn({k: v[i] for k, v in outputs.items() if v[i] is not None}, scenes[i], plot))
     return report
+
+
+def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEED - 1, hop_latents: int = 4) -> dict:
+    """Generate a long head-turn scene through the sliding window and look for seams.
+
+    hop_jump: mean over hop boundaries of the largest sample-to-sample change within the VAE hop
+    where the last latent of one hop crossfades into the first of the next; latent_jump: the same
+    statistic at the latent boundaries inside hops. No seams: hop_jump / latent_jump <= 1. Also the
+    largest difference between the chunked (streamed) decode and one whole decode of all latents."""
+    from training.render import render_scene
+    from training.sampler import head_turn_scene
+    from training.scene_spec import parse_scene
+
+    scene = render_scene(parse_scene(head_turn_scene(seed, duration=seconds)))
+    chunks: list[torch.Tensor] = []
+    audio = generate_batch(model, scene.frames[None], scene.spec.fps, [scene.pose], [seed], hop_latents,
+                           latents=chunks)[0]
+    vhop = model.vae.cfg.hop
+    jumps = np.abs(np.diff(audio, axis=-1)).max(axis=0)  # (N - 1,) over ears
+    count = audio.shape[-1] // vhop - 1
+    # the crossfade between latents l - 1 and l covers aligned samples [(l - 1) hop, l hop)
+    peak = np.array([jumps[(l - 1) * vhop:l * vhop].max() for l in range(1, count)])
+    at_hop = np.arange(1, count) % hop_latents == 0
+    latents = torch.cat(chunks, dim=-2)[0]  # (E, L, D)
+    whole = model.vae.decode(latents.transpose(-1, -2))
+    streamed = torch.cat([model.vae.decode(c[0].transpose(-1, -2), state)
+                          for state in [model.vae.init_decoder(latents.shape[0])] for c in chunks], dim=-1)
+    return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(peak[at_hop].mean()),
+            "latent_jump": float(peak[~at_hop].mean()), "ratio": float(peak[at_hop].mean() / peak[~at_hop].mean()),
+            "hop_jump_max": float(peak[at_hop].max()), "latent_jump_max": float(peak[~at_hop].max()),
+            "chunked_vs_whole_decode_max_abs": float((streamed - whole).abs().max())}
 
 
 def format_report(report: dict) -> str:
@@ -215,6 +248,11 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<32}" + "".join(f"{c:>13}" for c in cells))
     s = report["scenes"]
     lines.append(f"{s['single']} single-source scenes, {s['head_turn']} head-turn scenes, hop {report['hop_latents']} latents")
+    if "seams" in report:
+        m = report["seams"]
+        lines.append(f"seams over {m['seconds']:g} s: hop-boundary jump / in-hop jump = {m['ratio']:.3f} "
+                     f"(max {m['hop_jump_max']:.4f} vs {m['latent_jump_max']:.4f}); chunked vs whole decode "
+                     f"max |diff| {m['chunked_vs_whole_decode_max_abs']:.2e}")
     return "\n".join(lines)
 
 

@@ -239,7 +239,7 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
 @torch.no_grad()
 def validation_loss(net: FlowNet, ema: dict, held: LatentWindows, cfg: TrainFlowConfig, device, batches: int = 4) -> float:
     """Flow-matching loss of the EMA weights on held-out clips (fixed windows and noise)."""
-    probe = FlowNet(cfg.flow).to(device)
+    probe = FlowNet(cfg.flow, pretrained_vision=False).to(device)
     probe.load_state_dict(ema)
     rng, noise = np.random.default_rng(1234), torch.Generator(device=device).manual_seed(1234)
     losses = [flow_matching_loss(probe, _to(held.batch(rng, cfg.batch), device), noise).item() for _ in range(batches)]

@@ -101,16 +101,28 @@ def cmd_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from training.render import render_scene
+    from engine.generate import generate
+    from engine.model import DEFAULT_CHECKPOINT, load_model
+    from training.render import RenderedScene, render_scene
     from training.scene_spec import load_scene
     from training.show import show_clip
 
+    _threads(args)
     spec = load_scene(DEMO_SCENE)
     rendered = render_scene(spec)
     out = rendered.write(Path(args.out) / "scene")
     png = show_clip(out, Path(args.out) / "demo.png")
     print(f"demo scene rendered to {out}/ (clip.mp4 has the binaural track: listen on headphones)")
     print(f"picture: {png}")
+    if not DEFAULT_CHECKPOINT.exists():
+        return _fail(f"{DEFAULT_CHECKPOINT}: the shipped model is missing")
+    model, _ = load_model()
+    audio = generate(model, rendered.frames, spec.fps, rendered.pose, progress=True)
+    generated = RenderedScene(spec, audio.astype("float32"), rendered.frames, rendered.pose, rendered.meta)
+    gen_dir = generated.write(Path(args.out) / "generated")
+    gen_png = show_clip(gen_dir, Path(args.out) / "generated.png")
+    print(f"the shipped {model.role} generated binaural audio from the video and head pose alone: "
+          f"{gen_dir}/clip.mp4 (picture: {gen_png})")
     return 0
 
 
@@ -236,10 +248,27 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
-    report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png")
+    report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
+                      args.seam_seconds)
     report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
     save_report(report, out / "eval.json")
     print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    import torch
+
+    from engine.checkpoint import CheckpointError
+    from engine.model import load_model, save_model
+
+    try:
+        model, info = load_model(args.checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        return _fail(str(exc))
+    info = {k: v for k, v in info.items() if k not in ("format", "kind", "vae_config", "flow_config", "sampler", "role")}
+    out = save_model(args.out, model, {**info, "packed_from": Path(args.checkpoint).name}, flow_dtype=torch.float16)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16)")
     return 0
 
 
@@ -388,10 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-turns", type=int, help="head-turn scenes (default max(4, N / 10))")
     p.add_argument("--seed", type=int, default=20_000)
     p.add_argument("--hop", type=int, default=4, help="latent frames per hop (default 4 = 80 ms)")
+    p.add_argument("--seam-seconds", type=float, default=60.0, help="length of the seam check (0 = skip)")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pack", help="store a model checkpoint with float16 flow weights (for shipping)")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("render", help="generate binaural audio for a video (its audio track is ignored), offline",
                        description="Runs the streaming hop loop over the video's frames and head pose. VIDEO is an "
@@ -406,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("demo", help="the main job on the shipped default: render the demo scene and show it")
+    p = sub.add_parser("demo", help="the main job: render the demo scene, generate its binaural audio from video + "
+                                    "head pose with the shipped model, and show both")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_demo)
     return parser
 
