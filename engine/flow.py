@@ -44,6 +44,12 @@ class FlowConfig:
     vision_channels: tuple[int, ...] = (32, 64, 96, 128)  # each conv halves the size: 64 -> 4x4 grid
     vision: str = "scratch"  # or "efficientnet-lite0": its first 11 blocks (stride 16), ImageNet weights
     rope_base: float = 1000.0  # positions span < 64 latents, a short base resolves them
+    # Correlation of the two ears' prior noise (engine.sampling.couple_ears). With independent noise
+    # the network must learn the direction-dependent map between the ears from scratch (after 1250
+    # CPU steps its ears were still incoherent: IC error 0.64); coupled noise starts both ears on
+    # nearly the same path, so it only learns how they differ. < 1 keeps the prior full-rank, so
+    # diffuse (interaurally incoherent) sound stays reachable.
+    ear_noise_correlation: float = 0.9
 
     def __post_init__(self):
         object.__setattr__(self, "vision_channels", tuple(self.vision_channels))

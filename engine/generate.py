@@ -18,7 +18,7 @@ import torch
 
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING
 from engine.model import BinauralModel
-from engine.sampling import WindowFlow, sample_euler
+from engine.sampling import WindowFlow, couple_ears, sample_euler
 from engine.vae import DecoderState
 
 
@@ -98,7 +98,8 @@ class StreamGenerator:
     def step(self, state: StreamState, frames: torch.Tensor, frame_present: torch.Tensor, pose: torch.Tensor,
              pose_present: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One hop. frames (B, H / 2, S, S, 3) uint8; frame_present (B, H / 2) bool; pose (B, H, 3);
-        pose_present (B, H) bool; noise (B, E, H, D). Returns audio (B, E, H * vae_hop)."""
+        pose_present (B, H) bool; noise (B, E, H, D) i.i.d. standard normal (coupled across the ears
+        here). Returns audio (B, E, H * vae_hop)."""
         flow, h, fh = self.model.flow, self.hop, self.frames_per_hop
         for ring, new, shift in ((state.latents, None, h), (state.grids, flow.encode_frames(frames), fh),
                                  (state.video_present, frame_present, fh), (state.pose, pose, h),
@@ -116,7 +117,7 @@ class StreamGenerator:
             null = flow.prepare(state.grids, off_v, state.pose, off_p, roles)
         velocity = WindowFlow(flow, state.latents, roles, cond, null, self.guidance)
         start = torch.zeros_like(state.latents)
-        start[:, :, -h:] = noise
+        start[:, :, -h:] = couple_ears(noise, flow.cfg.ear_noise_correlation)
         window = sample_euler(velocity, start, self.times.to(noise.device))
         state.latents[:, :, -h:] = window[:, :, -h:]
         state.valid.add_(h).clamp_(max=flow.cfg.window)

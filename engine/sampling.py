@@ -18,6 +18,15 @@ from engine.flow import ROLE_HORIZON, Conditions, FlowNet
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def couple_ears(noise: torch.Tensor, correlation: float) -> torch.Tensor:
+    """Turn i.i.d. normal noise (B, E, ...) into the flow's prior: for two ears, the right ear's noise
+    is correlation * left + sqrt(1 - correlation^2) * its own (each ear stays standard normal)."""
+    if noise.shape[1] != 2 or correlation == 0.0:
+        return noise
+    left, right = noise[:, 0], noise[:, 1]
+    return torch.stack([left, correlation * left + (1 - correlation ** 2) ** 0.5 * right], dim=1)
+
+
 def uniform_times(steps: int, device=None) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, device=device)
 

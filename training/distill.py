@@ -23,7 +23,7 @@ import torch
 
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, FlowNet
 from engine.model import BinauralModel, SamplerConfig, load_model, save_model
-from engine.sampling import WindowFlow, sample_euler, uniform_times
+from engine.sampling import WindowFlow, couple_ears, sample_euler, uniform_times
 from training.train_flow import LatentWindows, _to
 from training.train_vae import read_config_file
 
@@ -90,7 +90,8 @@ def teacher_pool(teacher: FlowNet, windows: LatentWindows, cfg: DistillConfig, d
                                torch.zeros_like(dev["pose_present"]), dev["roles"])
         velocity = WindowFlow(teacher, dev["x1"], dev["roles"], cond, null, cfg.guidance)
         horizon = (dev["roles"] == ROLE_HORIZON)[:, None, :, None]
-        x0 = torch.where(horizon, torch.randn(dev["x1"].shape, generator=noise_rng).to(device), 0.0)
+        noise = couple_ears(torch.randn(dev["x1"].shape, generator=noise_rng), teacher.cfg.ear_noise_correlation)
+        x0 = torch.where(horizon, noise.to(device), 0.0)
         path = [x0]
         sample_euler(velocity, x0, grid.to(device), callback=lambda i, t, x: path.append(x))
         batch["trajectory"] = torch.stack([p.cpu() for p in points_on_path(path, grid, times)], dim=1)

@@ -1,7 +1,7 @@
 """`visaudio train flow`: conditional flow matching of the dual-branch network on sliding windows.
 
 Loss (ViSAudio eq. 1, per ear, summed): E || v(x_t, t | C) - (x1 - x0) ||^2 on the horizon positions,
-x_t = t x1 + (1 - t) x0, t logit-normal (MMAudio). Each training window draws its own context/horizon
+x_t = t x1 + (1 - t) x0, t logit-normal (MMAudio), x0 normal with the ears coupled (FlowConfig). Each training window draws its own context/horizon
 split (half the time one of the runtime splits, otherwise any), and sometimes a shorter real context
 (the start of a stream), so one model serves every hop the runtime uses. Video and pose are dropped
 to their learned null conditions 10% of the time each, for classifier-free guidance and for missing
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from engine.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, FlowConfig, FlowNet
 from engine.model import BinauralModel, SamplerConfig, save_model
+from engine.sampling import couple_ears
 from training.train_vae import load_vae, read_config_file
 
 RUNTIME_HOPS = (4, 8)  # latent hops the runtime uses (80 / 160 ms); half the windows train these splits
@@ -124,11 +125,11 @@ class LatentWindows:
                 "pose_present": pose_present, "roles": torch.from_numpy(roles)}
 
 
-def flow_matching_loss(net, batch: dict, rng_torch: torch.Generator | None = None) -> torch.Tensor:
+def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torch.Generator | None = None) -> torch.Tensor:
     """Velocity MSE on the horizon positions (mean over horizon latents, summed over ears)."""
     x1, roles = batch["x1"], batch["roles"]
     b = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=rng_torch, device=x1.device)
+    x0 = couple_ears(torch.randn(x1.shape, generator=rng_torch, device=x1.device), ear_correlation)
     t = torch.sigmoid(torch.randn(b, generator=rng_torch, device=x1.device))  # logit-normal
     horizon = (roles == ROLE_HORIZON)[:, None, :, None]
     xt = torch.where(horizon, t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0,
@@ -201,7 +202,7 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
             group["lr"] = lr
         batch = _to(train.batch(rng, cfg.batch, cfg.video_dropout, cfg.pose_dropout, cfg.short_context), device)
         with autocast:
-            loss = flow_matching_loss(model, batch, noise_rng)
+            loss = flow_matching_loss(model, batch, cfg.flow.ear_noise_correlation, noise_rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -242,5 +243,6 @@ def validation_loss(net: FlowNet, ema: dict, held: LatentWindows, cfg: TrainFlow
     probe = FlowNet(cfg.flow, pretrained_vision=False).to(device)
     probe.load_state_dict(ema)
     rng, noise = np.random.default_rng(1234), torch.Generator(device=device).manual_seed(1234)
-    losses = [flow_matching_loss(probe, _to(held.batch(rng, cfg.batch), device), noise).item() for _ in range(batches)]
+    losses = [flow_matching_loss(probe, _to(held.batch(rng, cfg.batch), device), cfg.flow.ear_noise_correlation,
+                                 noise).item() for _ in range(batches)]
     return float(np.mean(losses))
