@@ -102,3 +102,14 @@ def test_render_cli_rejects_bad_inputs(tiny_models, clip_dir, tmp_path, capsys):
     assert main(["render", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "o.wav"),
                  "--checkpoint", str(tiny_models["student"])]) == 2
     assert "video not found" in capsys.readouterr().err
+
+
+def test_pack_halves_the_flow_weights_and_keeps_the_model(tiny_models, tmp_path):
+    out = tmp_path / "packed.safetensors"
+    assert main(["pack", str(tiny_models["teacher"]), str(out)]) == 0
+    packed, info = load_model(out)
+    original, _ = load_model(tiny_models["teacher"])
+    assert out.stat().st_size < Path(tiny_models["teacher"]).stat().st_size
+    assert packed.role == "teacher" and info["packed_from"] == "model.safetensors" and "train" in info
+    for (name, a), b in zip(original.flow.state_dict().items(), packed.flow.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3, msg=name)
