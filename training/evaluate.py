@@ -67,16 +67,18 @@ def eval_scenes(count: int, seed: int = EVAL_SEED, head_turns: int | None = None
 
 
 def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 4, batch: int = 16,
-              progress: bool = True) -> list[np.ndarray]:
-    """Generate every scene through the hop loop, `batch` scenes as parallel streams."""
+              progress: bool = True, steps: int | None = None) -> list[np.ndarray]:
+    """Generate every scene through the hop loop, `batch` scenes as parallel streams (with `steps`
+    uniform Euler steps instead of the model's own grid, if given)."""
     from tqdm import tqdm
 
     outs = []
     for i in tqdm(range(0, len(scenes), batch), desc=f"{model.role}", disable=not progress):
         group = scenes[i:i + batch]
         frames = np.stack([s.frames for s in group])
+        times = torch.linspace(0.0, 1.0, steps + 1) if steps else None
         outs += list(generate_batch(model, frames, group[0].fps, [s.pose for s in group], [s.seed for s in group],
-                                    hop_latents))
+                                    hop_latents, times))
     return outs
 
 
@@ -174,13 +176,18 @@ def plot_head_turn(outputs: dict[str, np.ndarray], scene: EvalScene, path: Path)
 
 def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
              mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
-             plot: Path | None = None, seam_seconds: float = 60.0, progress: bool = True) -> dict:
+             plot: Path | None = None, seam_seconds: float = 60.0, baseline_steps: int | None = 10,
+             progress: bool = True) -> dict:
     """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns) and
-    the baselines; optionally plot the first head-turn scene."""
+    the baselines (the mono model sampled with `baseline_steps` Euler steps and its CFG); optionally plot
+    the first head-turn scene."""
     report = {"scenes": {"single": sum(s.kind == "single" for s in scenes),
                          "head_turn": sum(s.kind == "head_turn" for s in scenes)},
               "hop_latents": hop_latents, "systems": {}}
     outputs = {}
+    with torch.no_grad():  # the ceiling: the ground truth through the VAE (encode -> streaming decode)
+        recon = [model.vae.reconstruct(torch.from_numpy(s.audio.astype(np.float32))).numpy() for s in scenes]
+    report["systems"]["VAE re-encoded truth"] = score(recon, scenes)
     out = run_model(model, scenes, hop_latents, progress=progress)
     report["systems"][model.role] = {"evaluations_per_hop": model.sampler.evaluations, **score(out, scenes)}
     outputs[model.role] = out
@@ -193,7 +200,9 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
         outputs["teacher"] = [tout[index[id(s)]] if id(s) in index else None for s in scenes]
         report["systems"][f"{model.role} (same scenes as teacher)"] = score([out[scenes.index(s)] for s in subset], subset)
     if mono is not None:
-        mout = run_model(mono, scenes, hop_latents, progress=progress)
+        mout = run_model(mono, scenes, hop_latents, progress=progress, steps=baseline_steps)
+        report["baseline_sampler"] = {"steps": baseline_steps or len(mono.sampler.times) - 1,
+                                      "guidance": mono.sampler.guidance}
         outputs["mono copied"], outputs["two-stage"] = mono_copy(mout), two_stage(mout, scenes)
         report["systems"]["mono copied"] = score(outputs["mono copied"], scenes)
         report["systems"]["two-stage"] = score(outputs["two-stage"], scenes)

@@ -249,7 +249,7 @@ def cmd_eval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
     report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
-                      args.seam_seconds)
+                      args.seam_seconds, args.baseline_steps)
     report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
     save_report(report, out / "eval.json")
     print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
@@ -418,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=20_000)
     p.add_argument("--hop", type=int, default=4, help="latent frames per hop (default 4 = 80 ms)")
     p.add_argument("--seam-seconds", type=float, default=60.0, help="length of the seam check (0 = skip)")
+    p.add_argument("--baseline-steps", type=int, default=10, help="Euler steps (with CFG) for the mono model (default 10)")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int)
