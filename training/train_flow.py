@@ -44,10 +44,6 @@ class TrainFlowConfig:
     video_dropout: float = 0.1
     pose_dropout: float = 0.1
     short_context: float = 0.15  # windows whose real context is shorter than their split (stream start)
-    # Extra weight on the error of the ears' velocity difference (v_R - v_L). Any positive-definite
-    # weighting keeps the flow-matching optimum (the conditional mean); this one stops the network from
-    # settling on identical ears, which the coupled noise makes a cheap first answer.
-    ear_difference_weight: float = 0.0
     eval_every: int = 250
     checkpoint_every: int = 500
     seed: int = 0
@@ -129,10 +125,8 @@ class LatentWindows:
                 "pose_present": pose_present, "roles": torch.from_numpy(roles)}
 
 
-def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torch.Generator | None = None,
-                       difference_weight: float = 0.0) -> torch.Tensor:
-    """Velocity MSE on the horizon positions (mean over horizon latents, summed over ears), plus
-    difference_weight times the MSE of the interaural difference of the velocity error."""
+def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torch.Generator | None = None) -> torch.Tensor:
+    """Velocity MSE on the horizon positions (mean over horizon latents, summed over ears)."""
     x1, roles = batch["x1"], batch["roles"]
     b = x1.shape[0]
     x0 = couple_ears(torch.randn(x1.shape, generator=rng_torch, device=x1.device), ear_correlation)
@@ -141,10 +135,7 @@ def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torc
     xt = torch.where(horizon, t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0,
                      torch.where((roles == ROLE_CONTEXT)[:, None, :, None], x1, torch.zeros_like(x1)))
     v = net(xt, t, batch["frames"], batch["video_present"], batch["pose"], batch["pose_present"], roles)
-    delta = v - (x1 - x0)
-    err = (delta ** 2).mean(-1) * horizon[..., 0]  # (B, E, W)
-    if difference_weight and x1.shape[1] == 2:
-        err = err + difference_weight * ((delta[:, 1] - delta[:, 0]) ** 2).mean(-1)[:, None] * horizon[..., 0] / 2
+    err = ((v - (x1 - x0)) ** 2).mean(-1) * horizon[..., 0]  # (B, E, W)
     return err.sum() / horizon[..., 0].sum().clamp(min=1)
 
 
@@ -211,7 +202,7 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
             group["lr"] = lr
         batch = _to(train.batch(rng, cfg.batch, cfg.video_dropout, cfg.pose_dropout, cfg.short_context), device)
         with autocast:
-            loss = flow_matching_loss(model, batch, cfg.flow.ear_noise_correlation, noise_rng, cfg.ear_difference_weight)
+            loss = flow_matching_loss(model, batch, cfg.flow.ear_noise_correlation, noise_rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
