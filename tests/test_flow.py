@@ -134,3 +134,31 @@ def test_efficientnet_lite0_option_starts_from_imagenet_weights():
     assert _run(net, inp).shape == inp["x"].shape
     with pytest.raises(ValueError, match="vision must be one of"):
         FlowNet(FlowConfig(**{**TINY_FLOW, "vision": "resnet"}))
+
+
+def test_coupled_ear_noise_has_the_configured_correlation_and_unit_variance():
+    from engine.sampling import couple_ears
+
+    noise = couple_ears(torch.randn(20000, 2, 8, generator=torch.Generator().manual_seed(0)), 0.9)
+    left, right = noise[:, 0].flatten(), noise[:, 1].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([left, right]))[0, 1]) - 0.9) < 0.01
+    assert abs(float(right.std()) - 1.0) < 0.01
+    mono = torch.randn(4, 1, 8)
+    assert torch.equal(couple_ears(mono, 0.9), mono)
+
+
+def test_reset_with_a_mask_forgets_only_those_streams(tiny_models):
+    from engine.generate import StreamGenerator
+    from engine.model import load_model
+
+    model, _ = load_model(tiny_models["student"])
+    gen = StreamGenerator(model, 4, 2)
+    state = gen.init_state()
+    frames = torch.randint(0, 256, (2, 2, 64, 64, 3), dtype=torch.uint8)
+    args = (frames, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 4, 3), torch.ones(2, 4, dtype=torch.bool),
+            torch.randn(2, 2, 4, 24))
+    gen.step(state, *args)
+    state.reset(torch.tensor([True, False]))
+    assert state.valid.tolist() == [0, 4]
+    assert not state.video_present[0].any() and state.video_present[1].any()
+    assert state.decoder.tail[:2].abs().max() == 0 and state.decoder.tail[2:].abs().max() > 0
