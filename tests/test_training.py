@@ -68,7 +68,7 @@ def test_two_process_ddp_with_gloo(tiny_models, tmp_path):
 def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", "--checkpoint", str(tiny_models["student"]), "--teacher", str(tiny_models["teacher"]),
-                 "--mono", str(tiny_models["mono"]), "--scenes", "1", "--head-turns", "1", "--teacher-scenes", "1",
+                 "--mono", str(tiny_models["mono"]), "--scenes", "2", "--head-turns", "1", "--teacher-scenes", "1",
                  "--seam-seconds", "4", "--out", str(out), "--json"])
     assert code == 0
     report = json.loads((out / "eval.json").read_text())

@@ -34,7 +34,7 @@ MAX_AZIMUTH = 60.0
 HEAD_TURN_SEED = EVAL_SEED + 50_000
 
 
-@dataclass
+@dataclass(eq=False)  # scenes are compared by identity (their arrays have no single truth value)
 class EvalScene:
     kind: str  # "single" or "head_turn"
     frames: np.ndarray
@@ -198,7 +198,8 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
                                         **score(tout, subset)}
         index = {id(s): i for i, s in enumerate(subset)}
         outputs["teacher"] = [tout[index[id(s)]] if id(s) in index else None for s in scenes]
-        report["systems"][f"{model.role} (same scenes as teacher)"] = score([out[scenes.index(s)] for s in subset], subset)
+        position = {id(s): i for i, s in enumerate(scenes)}
+        report["systems"][f"{model.role} (same scenes as teacher)"] = score([out[position[id(s)]] for s in subset], subset)
     if mono is not None:
         mout = run_model(mono, scenes, hop_latents, progress=progress, steps=baseline_steps)
         report["baseline_sampler"] = {"steps": baseline_steps or len(mono.sampler.times) - 1,
