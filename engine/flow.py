@@ -20,17 +20,19 @@ ViSAudio (arXiv 2512.03036) on MMAudio (arXiv 2412.15322), made to stream by a s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import JsonConfig
+
 ROLE_HORIZON, ROLE_CONTEXT, ROLE_MISSING = 0, 1, 2  # per latent position of a window
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(JsonConfig):
     latent_dim: int = 160  # the VAE's latent size
     ears: int = 2  # 1 = the same backbone generating mono (the baselines)
     width: int = 192  # 5.4 M parameters: ~16 ms per evaluation at batch 1 on one CPU thread (torch)
@@ -63,16 +65,6 @@ class FlowConfig:
     @property
     def grid(self) -> int:
         return self.frame_size >> len(self.vision_channels)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "FlowConfig":
-        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown flow config field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
 
 
 @dataclass

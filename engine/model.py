@@ -6,12 +6,13 @@ students carry their own time grid and guidance 1 (guidance is folded into their
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.config import JsonConfig
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from engine.flow import FlowConfig, FlowNet
 from engine.vae import SpectralVAE, VAEConfig
@@ -20,7 +21,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(JsonConfig):
     times: tuple[float, ...] = tuple(i / 25 for i in range(26))  # Euler grid from noise (0) to data (1)
     guidance: float = 4.5  # classifier-free guidance scale (MMAudio's default); 1 = none
 
@@ -28,13 +29,6 @@ class SamplerConfig:
     def evaluations(self) -> int:
         """Network evaluations per hop (CFG doubles the batch, which we count as two)."""
         return (len(self.times) - 1) * (1 if self.guidance == 1.0 else 2)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "SamplerConfig":
-        return cls(times=tuple(float(t) for t in obj["times"]), guidance=float(obj["guidance"]))
 
 
 class BinauralModel(nn.Module):

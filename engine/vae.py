@@ -21,14 +21,16 @@ likelihood linear-Gaussian VAE: W and the posterior noise variance come from one
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from engine.config import JsonConfig
+
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     sample_rate: int = 16000
     hop: int = 320  # 50 latents/s: two per 25 fps video frame; 20 ms of decoder look-behind
     latent_dim: int = 160  # re-encoded held-out scenes: ITD error ~40 us, ILD error ~1.1 dB (README)
@@ -47,16 +49,6 @@ class VAEConfig:
     @property
     def latents_per_second(self) -> float:
         return self.sample_rate / self.hop
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "VAEConfig":
-        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown VAE config field(s): {', '.join(unknown)}")
-        return cls(**obj)
 
 
 @dataclass
@@ -141,9 +133,7 @@ class SpectralVAE(nn.Module):
         hop = self.cfg.hop
         if audio.shape[-1] % hop:
             raise ValueError(f"audio length {audio.shape[-1]} is not a multiple of the VAE hop ({hop})")
-        x = torch.cat([history, audio], dim=-1)
-        count = audio.shape[-1] // hop
-        return torch.stack([x[..., l * hop:l * hop + 2 * hop] for l in range(count)], dim=-2)
+        return torch.cat([history, audio], dim=-1).unfold(-1, 2 * hop, hop)
 
     def init_encoder(self, batch: int) -> EncoderState:
         return EncoderState(torch.zeros(batch, self.cfg.hop, device=self.mean.device))

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.config import JsonConfig
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, FlowNet
 from engine.model import BinauralModel, SamplerConfig, load_model, save_model
 from engine.sampling import WindowFlow, couple_ears, sample_euler, uniform_times
-from training.train_flow import LatentWindows, _to
-from training.train_vae import read_config_file
+from training.train_flow import LatentWindows, _to, split_clips
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(JsonConfig):
     teacher: str = "out/teacher/model.safetensors"
     cache: str = "cache/train"
     holdout: int = 32  # the teacher's held-out clips are not used here either
@@ -44,21 +44,6 @@ class DistillConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     ema: float = 0.995
     seed: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "DistillConfig":
-        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown distillation config field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None) -> DistillConfig:
-    cfg = DistillConfig.from_json(read_config_file(path)) if path else DistillConfig()
-    return replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
 
 
 def points_on_path(path: list[torch.Tensor], grid: torch.Tensor, times: torch.Tensor) -> list[torch.Tensor]:
@@ -111,8 +96,7 @@ def distill(cfg: DistillConfig, out_dir: Path | str, device: str | None = None, 
     if teacher_model.role != "teacher":
         raise ValueError(f"{cfg.teacher}: a {teacher_model.role!r} model; distil from a teacher")
     teacher = teacher_model.flow
-    n_clips = len(np.load(Path(cfg.cache) / "pose_known.npy", mmap_mode="r"))
-    windows = LatentWindows(cfg.cache, teacher_model.vae, teacher.cfg, slice(0, n_clips - cfg.holdout), progress)
+    windows = LatentWindows(cfg.cache, teacher_model.vae, teacher.cfg, split_clips(cfg.cache, cfg.holdout)[0], progress)
     start = time.time()
     pool = teacher_pool(teacher, windows, cfg, device, progress)
     pool_seconds = time.time() - start

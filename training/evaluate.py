@@ -101,7 +101,7 @@ def two_stage(mono_outputs: list[np.ndarray], scenes: list[EvalScene]) -> list[n
 
 def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     """The metrics of one system over the scene set (see the module docstring)."""
-    from training.metrics import binaural_cues, compare, direction_error, meta_tracks, onset_sync
+    from training.metrics import compare, direction_error, meta_tracks, onset_sync
 
     ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
     refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
@@ -120,15 +120,10 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             events += sync["events"]
             hits += round((sync["within_40ms"] or 0.0) * sync["events"])
         else:
-            cues = binaural_cues(audio, scene.sample_rate)
-            from engine.geometry import woodworth_lateral
-            from training.metrics import HEAD_RADIUS
-
-            est = woodworth_lateral(cues.itd, HEAD_RADIUS)
+            times, est, use = lateral_track(audio, scene.sample_rate)
             _, az, el, _, _ = meta_tracks(scene.meta)
-            f = np.clip(np.rint(cues.times * scene.fps).astype(int), 0, len(az) - 1)
+            f = np.clip(np.rint(times * scene.fps).astype(int), 0, len(az) - 1)
             truth = lateral_angle(az[f, 0], el[f, 0])
-            use = cues.active
             ok = use.sum() > 2 and np.std(est[use]) > 0
             correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
     result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}

@@ -12,24 +12,24 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from engine.config import JsonConfig
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, FlowConfig, FlowNet
 from engine.model import BinauralModel, SamplerConfig, save_model
 from engine.sampling import couple_ears
-from training.train_vae import load_vae, read_config_file
+from training.train_vae import load_vae
 
 RUNTIME_HOPS = (4, 8)  # latent hops the runtime uses (80 / 160 ms); half the windows train these splits
 
 
 @dataclass(frozen=True)
-class TrainFlowConfig:
+class TrainFlowConfig(JsonConfig):
     flow: FlowConfig = field(default_factory=FlowConfig)
     vae: str = "checkpoints/vae.safetensors"
     cache: str = "cache/train"  # training/scene_cache.py folder
@@ -47,23 +47,6 @@ class TrainFlowConfig:
     eval_every: int = 250
     checkpoint_every: int = 500
     seed: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "TrainFlowConfig":
-        obj = dict(obj)
-        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown flow training config field(s): {', '.join(unknown)}")
-        flow = FlowConfig.from_json(obj.pop("flow", {}))
-        return cls(flow=flow, **{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainFlowConfig:
-    cfg = TrainFlowConfig.from_json(read_config_file(path)) if path else TrainFlowConfig()
-    return replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -125,6 +108,14 @@ class LatentWindows:
                 "pose_present": pose_present, "roles": torch.from_numpy(roles)}
 
 
+def split_clips(cache_dir: str, holdout: int) -> tuple[slice, slice]:
+    """(training clips, the last `holdout` clips) of a cache."""
+    count = len(np.load(Path(cache_dir) / "pose_known.npy", mmap_mode="r"))
+    if count <= holdout:
+        raise ValueError(f"{cache_dir}: {count} clips, need more than the {holdout} held out")
+    return slice(0, count - holdout), slice(count - holdout, count)
+
+
 def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torch.Generator | None = None) -> torch.Tensor:
     """Velocity MSE on the horizon positions (mean over horizon latents, summed over ears)."""
     x1, roles = batch["x1"], batch["roles"]
@@ -183,11 +174,9 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
         restore_optimizer(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, info["optimizer"])
         step = int(info["step"])
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    n_clips = len(np.load(Path(cfg.cache) / "pose_known.npy", mmap_mode="r"))
-    if n_clips <= cfg.holdout:
-        raise ValueError(f"{cfg.cache}: {n_clips} clips, need more than the {cfg.holdout} held out")
-    train = LatentWindows(cfg.cache, vae, cfg.flow, slice(0, n_clips - cfg.holdout), progress and rank == 0)
-    held = LatentWindows(cfg.cache, vae, cfg.flow, slice(n_clips - cfg.holdout, n_clips), False)
+    train_clips, held_clips = split_clips(cfg.cache, cfg.holdout)
+    train = LatentWindows(cfg.cache, vae, cfg.flow, train_clips, progress and rank == 0)
+    held = LatentWindows(cfg.cache, vae, cfg.flow, held_clips, False)
     rng = np.random.default_rng([cfg.seed, rank, step])
     noise_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

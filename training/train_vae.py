@@ -9,51 +9,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from engine.config import JsonConfig
 from engine.vae import SpectralVAE, VAEConfig
 
 EVAL_SEED = 20_000  # held-out scenes: training seeds start at 1,000,000
 
 
 @dataclass(frozen=True)
-class TrainVAEConfig:
+class TrainVAEConfig(JsonConfig):
     vae: VAEConfig = field(default_factory=VAEConfig)
     clips: int = 300  # training clips whose frames enter the covariance (8 s each: 240k ear-frames)
     cache: str | None = None  # a training cache (training/scene_cache.py); None = render scenes
     eval_scenes: int = 8
     seed: int = 1_000_000
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "TrainVAEConfig":
-        obj = dict(obj)
-        unknown = sorted(set(obj) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown VAE training config field(s): {', '.join(unknown)}")
-        return cls(vae=VAEConfig.from_json(obj.pop("vae", {})), **obj)
-
-
-def read_config_file(path: str | Path) -> dict:
-    """A JSON or YAML config file as a dict."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainVAEConfig:
-    cfg = TrainVAEConfig.from_json(read_config_file(path)) if path else TrainVAEConfig()
-    return replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
 
 
 def render_eval_audio(index: int, seconds: float = 8.0, sample_rate: int = 16000) -> np.ndarray:

@@ -184,11 +184,12 @@ def cmd_cache(args) -> int:
 
 def cmd_train_vae(args) -> int:
     from engine.checkpoint import CheckpointError
-    from training.train_vae import load_config, train_vae
+    from engine.config import load_config
+    from training.train_vae import TrainVAEConfig, train_vae
 
     _threads(args)
     try:
-        ckpt = train_vae(load_config(args.config, {"cache": args.cache}), args.out)
+        ckpt = train_vae(load_config(TrainVAEConfig, args.config, {"cache": args.cache}), args.out)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     report = json.loads((Path(args.out) / "vae_report.json").read_text())
@@ -199,11 +200,12 @@ def cmd_train_vae(args) -> int:
 
 def cmd_train_flow(args) -> int:
     from engine.checkpoint import CheckpointError
-    from training.train_flow import load_config, train_flow
+    from engine.config import load_config
+    from training.train_flow import TrainFlowConfig, train_flow
 
     _threads(args)
     try:
-        cfg = load_config(args.config, {"steps": args.steps, "cache": args.cache, "vae": args.vae})
+        cfg = load_config(TrainFlowConfig, args.config, {"steps": args.steps, "cache": args.cache, "vae": args.vae})
         ckpt = train_flow(cfg, args.out, resume=args.resume, device=args.device)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
@@ -213,11 +215,13 @@ def cmd_train_flow(args) -> int:
 
 def cmd_distill(args) -> int:
     from engine.checkpoint import CheckpointError
-    from training.distill import distill, load_config
+    from engine.config import load_config
+    from training.distill import DistillConfig, distill
 
     _threads(args)
     try:
-        ckpt = distill(load_config(args.config, {"teacher": args.teacher, "steps": args.steps}), args.out, args.device)
+        cfg = load_config(DistillConfig, args.config, {"teacher": args.teacher, "steps": args.steps})
+        ckpt = distill(cfg, args.out, args.device)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     print(f"wrote {ckpt}")
