@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import JsonConfig
+from engine.interaural import PARAMS as TRANSFER_PARAMS
 
 ROLE_HORIZON, ROLE_CONTEXT, ROLE_MISSING = 0, 1, 2  # per latent position of a window
 
@@ -52,11 +53,17 @@ class FlowConfig(JsonConfig):
     # nearly the same path, so it only learns how they differ. < 1 keeps the prior full-rank, so
     # diffuse (interaurally incoherent) sound stays reachable.
     ear_noise_correlation: float = 0.9
+    # Interaural transfer head (engine/interaural.py): the ears' latents are generated with the
+    # transfer divided out and a head predicts it per latent frame. Binaural training configs turn it
+    # on; False (ears generated as they are) also keeps one-ear baselines valid.
+    interaural: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_channels", tuple(self.vision_channels))
         if self.window % self.latents_per_frame or self.width % self.heads:
             raise ValueError("window must hold whole video frames and width must split into heads")
+        if self.interaural and self.ears != 2:
+            raise ValueError("the interaural transfer head needs ears = 2")
 
     @property
     def frames(self) -> int:
@@ -75,6 +82,7 @@ class Conditions:
     audio_cond: torch.Tensor  # (B, E, W, width) per-token adaLN condition (without t)
     video_cond: torch.Tensor  # (B, Fw, width)
     latent_keep: torch.Tensor  # (B, 1, W, 1) 0 where the window has no latent (missing context)
+    transfer: torch.Tensor  # (B, W, interaural.PARAMS) predicted interaural transfer; (B, W, 0) without the head
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -256,6 +264,9 @@ class FlowNet(nn.Module):
         self.null_grid = nn.Parameter(torch.randn(cfg.grid * cfg.grid, w) * 0.02)  # missing video
         self.null_pose = nn.Parameter(torch.zeros(w))  # missing pose
         self.pose_mlp = nn.Sequential(nn.Linear(6, w), nn.SiLU(), nn.Linear(w, w))
+        # per latent frame, from both ears' spacetime features of its video frame (causal: no time mixing)
+        self.transfer_head = (nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, TRANSFER_PARAMS))
+                              if cfg.interaural else None)
         self.video_in = nn.Linear(w, w)
         self.latent_in = nn.Linear(cfg.latent_dim, w)
         self.ear_embedding = nn.Parameter(torch.randn(ears, w) * 0.02)
@@ -306,14 +317,18 @@ class FlowNet(nn.Module):
         # pose relative to the pose at the first horizon latent ("now" for this hop)
         first_horizon = torch.argmax((roles == ROLE_HORIZON).int(), dim=1)
         reference = pose[torch.arange(b), first_horizon]
-        rad = torch.deg2rad(relative_pose(pose, reference))
+        rad = relative_pose(pose, reference) * (math.pi / 180)  # (torch.deg2rad has no ONNX export)
         pose_feat = self.pose_mlp(torch.cat([torch.sin(rad), torch.cos(rad) - 1.0], dim=-1))
         pose_feat = torch.where(pose_present[..., None], pose_feat, self.null_pose)  # (B, W, w)
         audio_cond = (per_ear[:, :, self.frame_of_latent] + pose_feat[:, None] + self.role_embedding(roles)[:, None]
                       + self.ear_embedding[None, :, None])
         video_cond = glob + pose_feat[:, ::cfg.latents_per_frame]
         keep = (roles != ROLE_MISSING).float()[:, None, :, None]
-        return Conditions(self.video_in(glob), audio_cond, video_cond, keep)
+        if self.transfer_head is not None:
+            transfer = self.transfer_head(per_ear.transpose(1, 2).flatten(2))[:, self.frame_of_latent]
+        else:
+            transfer = audio_cond.new_zeros(b, cfg.window, 0)
+        return Conditions(self.video_in(glob), audio_cond, video_cond, keep, transfer)
 
     # ------------------------------------------------------------------ per flow step
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
@@ -340,5 +355,6 @@ class FlowNet(nn.Module):
         return torch.stack(outs, dim=1)
 
     def forward(self, x, t, frames, video_present, pose, pose_present, roles):
-        grid = self.encode_frames(frames)
-        return self.velocity(x, t, self.prepare(grid, video_present, pose, pose_present, roles))
+        """Training entry: (velocity (B, E, W, D), predicted interaural transfer (B, W, PARAMS or 0))."""
+        cond = self.prepare(self.encode_frames(frames), video_present, pose, pose_present, roles)
+        return self.velocity(x, t, cond), cond.transfer

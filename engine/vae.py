@@ -71,6 +71,13 @@ class DecoderState:
         self.tail.zero_()
 
 
+def complex_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-bin complex product of spectra stored as [re, im] on the last axis."""
+    are, aim = a.chunk(2, dim=-1)
+    bre, bim = b.chunk(2, dim=-1)
+    return torch.cat([are * bre - aim * bim, are * bim + aim * bre], dim=-1)
+
+
 def _dft_bases(frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sqrt-periodic-Hann window, windowed forward DFT basis (frame, 2 bins) and inverse (2 bins, frame)."""
     n = torch.arange(frame, dtype=torch.float64)
@@ -118,9 +125,6 @@ class SpectralVAE(nn.Module):
         gain = (mag2 + 1e-12) ** ((1 / self.cfg.compress - 1) / 2)
         return comp * torch.cat([gain, gain], dim=-1)
 
-    def features(self, frames: torch.Tensor) -> torch.Tensor:
-        """Windowed frames (..., frame) -> compressed complex spectra as [re, im] (..., 2 bins)."""
-        return self._compress(frames @ self.analysis)
 
     def code(self, feats: torch.Tensor) -> torch.Tensor:
         return (((feats - self.mean) * self.band_weight) @ self.basis) / self.scale
@@ -141,34 +145,62 @@ class SpectralVAE(nn.Module):
     def init_decoder(self, batch: int) -> DecoderState:
         return DecoderState(torch.zeros(batch, self.cfg.hop, device=self.mean.device))
 
-    def encode(self, audio: torch.Tensor, state: EncoderState | None = None) -> torch.Tensor:
-        """(B, E, T) or (B, T) audio -> posterior means (B, E, D, T / hop) or (B, D, T / hop).
+    def spectra(self, audio: torch.Tensor, state: EncoderState | None = None) -> torch.Tensor:
+        """(..., T) audio -> raw complex spectra of the latent frames, [re, im] (..., T / hop, 2 bins).
 
-        With a state, encodes the next chunk of a stream (the state holds the previous hop)."""
+        With a state, the next chunk of a stream (the state holds the previous hop)."""
         lead = audio.shape[:-1]
         flat = audio.reshape(-1, audio.shape[-1])
         history = state.history if state is not None else flat.new_zeros(flat.shape[0], self.cfg.hop)
-        z = self.code(self.features(self._frames(flat, history)))  # (B', L, D)
+        spec = self._frames(flat, history) @ self.analysis
         if state is not None:
             state.history.copy_(flat[:, -self.cfg.hop:])
-        return z.transpose(-1, -2).reshape(*lead, self.cfg.latent_dim, -1)
+        return spec.reshape(*lead, *spec.shape[-2:])
 
-    def decode(self, z: torch.Tensor, state: DecoderState | None = None) -> torch.Tensor:
+    def features(self, audio: torch.Tensor, state: EncoderState | None = None) -> torch.Tensor:
+        """(..., T) audio -> compressed complex spectra (..., T / hop, 2 bins): what the PCA codes."""
+        return self._compress(self.spectra(audio, state))
+
+    def encode(self, audio: torch.Tensor, state: EncoderState | None = None,
+               factors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E, T) or (B, T) audio -> posterior means (B, E, D, T / hop) or (B, D, T / hop).
+
+        With a state, encodes the next chunk of a stream. `factors` (..., T / hop, 2 bins) multiply the
+        compressed spectra before coding (engine/interaural.py: an inverse interaural transfer)."""
+        feats = self.features(audio, state)
+        if factors is not None:
+            feats = complex_multiply(feats, factors)
+        return self.code(feats).transpose(-1, -2)
+
+    def decode(self, z: torch.Tensor, state: DecoderState | None = None,
+               factors: torch.Tensor | None = None) -> torch.Tensor:
         """(..., D, L) latents -> (..., L * hop) samples, one hop behind (sample n is signal time n - hop).
 
-        With a state, decodes the next chunk of a stream; chunked decoding equals whole decoding."""
+        With a state, decodes the next chunk of a stream; chunked decoding equals whole decoding.
+        `factors` (..., L, 2 bins) multiply the compressed spectra before synthesis (an interaural
+        transfer, engine/interaural.py)."""
+        tail = state.tail if state is not None else z.new_zeros(*z.shape[:-2], self.cfg.hop)
+        out, next_tail = self.decode_step(z, tail.reshape(*z.shape[:-2], -1), factors)
+        if state is not None:
+            state.tail.copy_(next_tail.reshape(state.tail.shape))
+        return out
+
+    def decode_step(self, z: torch.Tensor, tail: torch.Tensor,
+                    factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder as a pure function of its state: (z (..., D, L), tail (..., hop)) ->
+        (samples (..., L * hop), the next tail). What `decode` and the exported graph run."""
         lead = z.shape[:-2]
         flat = z.reshape(-1, *z.shape[-2:]).transpose(-1, -2)  # (B', L, D)
-        frames = self._expand(self.uncode(flat)) @ self.synthesis  # (B', L, frame)
+        feats = self.uncode(flat)
+        if factors is not None:
+            feats = complex_multiply(feats, factors.reshape(feats.shape))
+        frames = self._expand(feats) @ self.synthesis  # (B', L, frame)
         hop, count = self.cfg.hop, flat.shape[1]
         first, second = frames[..., :hop], frames[..., hop:]
-        tail = state.tail if state is not None else flat.new_zeros(flat.shape[0], hop)
         # output hop l = second half of frame l - 1 (or the carried tail) + first half of frame l
-        previous = torch.cat([tail[:, None, :], second[:, :-1]], dim=1)
-        out = (previous + first).reshape(flat.shape[0], count * hop)
-        if state is not None:
-            state.tail.copy_(second[:, -1])
-        return out.reshape(*lead, count * hop)
+        previous = torch.cat([tail.reshape(-1, 1, hop), second[:, :-1]], dim=1)
+        out = (previous + first).reshape(*lead, count * hop)
+        return out, second[:, -1].reshape(*lead, hop)
 
     def reconstruct(self, audio: torch.Tensor) -> torch.Tensor:
         """Encode and decode a whole signal, time-aligned with the input (the last hop is incomplete)."""

@@ -42,7 +42,8 @@ def tiny_models(tmp_path_factory):
                     root / "vae", progress=False)
     paths = {"root": root, "cache": cache, "vae": vae}
     for name, ears in (("teacher", 2), ("mono", 1)):
-        cfg = TrainFlowConfig(flow=FlowConfig(**{**TINY_FLOW, "ears": ears}), vae=str(vae), cache=str(cache),
+        cfg = TrainFlowConfig(flow=FlowConfig(**{**TINY_FLOW, "ears": ears, "interaural": ears == 2}), vae=str(vae),
+                              cache=str(cache),
                               holdout=1, steps=4, batch=4, warmup=1, eval_every=2, checkpoint_every=2)
         paths[name] = train_flow(cfg, root / name, progress=False)
     paths["student"] = distill(DistillConfig(teacher=str(paths["teacher"]), cache=str(cache), holdout=1, pool=8,

@@ -26,15 +26,17 @@ def _inputs(cfg: FlowConfig, batch=2, split=8, seed=0):
 
 def _net(ears=2):
     torch.manual_seed(0)
-    net = FlowNet(FlowConfig(**{**TINY_FLOW, "ears": ears})).eval()
+    net = FlowNet(FlowConfig(**{**TINY_FLOW, "ears": ears, "interaural": ears == 2})).eval()
     for p in net.parameters():  # the zero-initialised output layers would hide any dependence
         p.data.add_(torch.randn_like(p) * 0.05)
     return net
 
 
-def _run(net, inp):
+def _run(net, inp, transfer=False):
+    """The velocity, or with transfer=True the interaural head's output."""
     with torch.no_grad():
-        return net(inp["x"], inp["t"], inp["frames"], inp["video_present"], inp["pose"], inp["pose_present"], inp["roles"])
+        out = net(inp["x"], inp["t"], inp["frames"], inp["video_present"], inp["pose"], inp["pose_present"], inp["roles"])
+    return out[1] if transfer else out[0]
 
 
 def test_output_for_time_t_ignores_everything_after_t():
@@ -51,6 +53,13 @@ def test_output_for_time_t_ignores_everything_after_t():
         out = _run(net, changed)
         torch.testing.assert_close(out[:, :, :cut], base[:, :, :cut], msg=f"{key} after t leaked into the past")
         assert (out[:, :, cut:] - base[:, :, cut:]).abs().max() > 1e-4, f"{key} has no effect at all"
+    # the interaural head reads each latent's own frame only
+    changed = {k: v.clone() for k, v in inp.items()}
+    changed["frames"][:, cut // 2:] = 255 - changed["frames"][:, cut // 2:]
+    base_t, out_t = _run(net, inp, transfer=True), _run(net, changed, transfer=True)
+    assert base_t.shape == (2, net.cfg.window, 9)
+    torch.testing.assert_close(out_t[:, :cut], base_t[:, :cut])
+    assert (out_t[:, cut:] - base_t[:, cut:]).abs().max() > 1e-4
 
 
 def test_ears_see_their_own_branch_and_conditions_matter():
@@ -81,7 +90,8 @@ def test_relative_pose_wraps_yaw():
 
 
 def test_stream_is_causal_deterministic_batch_independent_and_resettable(tiny_models):
-    from engine.generate import StreamGenerator, generate, generate_batch
+    from engine.generate import generate, generate_batch
+    from engine.hop import StreamGenerator
     from engine.model import load_model
 
     model, _ = load_model(tiny_models["student"])
@@ -114,11 +124,11 @@ def test_stream_is_causal_deterministic_batch_independent_and_resettable(tiny_mo
 
 
 def test_hop_must_fit_the_window(tiny_models):
-    from engine.generate import StreamGenerator
+    from engine.hop import StreamGenerator
     from engine.model import load_model
 
     model, _ = load_model(tiny_models["student"])
-    with pytest.raises(ValueError, match="multiple of 2"):
+    with pytest.raises(ValueError, match="multiples of 2"):
         StreamGenerator(model, 3)
 
 
@@ -148,7 +158,7 @@ def test_coupled_ear_noise_has_the_configured_correlation_and_unit_variance():
 
 
 def test_reset_with_a_mask_forgets_only_those_streams(tiny_models):
-    from engine.generate import StreamGenerator
+    from engine.hop import StreamGenerator
     from engine.model import load_model
 
     model, _ = load_model(tiny_models["student"])
@@ -159,6 +169,6 @@ def test_reset_with_a_mask_forgets_only_those_streams(tiny_models):
             torch.randn(2, 2, 4, 24))
     gen.step(state, *args)
     state.reset(torch.tensor([True, False]))
-    assert state.valid.tolist() == [0, 4]
-    assert not state.video_present[0].any() and state.video_present[1].any()
-    assert state.decoder.tail[:2].abs().max() == 0 and state.decoder.tail[2:].abs().max() > 0
+    assert state["latent_present"].sum(1).tolist() == [0, 4]
+    assert not state["video_present"][0].any() and state["video_present"][1].any()
+    assert state["decoder_tail"][0].abs().max() == 0 and state["decoder_tail"][1].abs().max() > 0

@@ -113,3 +113,25 @@ def test_pack_halves_the_flow_weights_and_keeps_the_model(tiny_models, tmp_path)
     assert packed.role == "teacher" and info["packed_from"] == "model.safetensors" and "train" in info
     for (name, a), b in zip(original.flow.state_dict().items(), packed.flow.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_cache_marks_frames_where_a_visible_source_dominates(clip_dir, tmp_path):
+    """build_cache and cache_from_dataset agree on the mask, which follows the metadata."""
+    import json
+    import shutil
+
+    from training.scene_cache import build_cache, cache_from_dataset, load_cache, visible_dominant
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(clip_dir, dataset / "seed5")
+    cached = load_cache(cache_from_dataset(tmp_path / "from_dataset", dataset, seconds=2.0))
+    meta = json.loads((clip_dir / "meta.json").read_text())
+    expected = visible_dominant(meta["frames"][:50])
+    np.testing.assert_array_equal(cached.visible_dominant[0], expected)
+    for f, frame in enumerate(meta["frames"][:50]):  # a marked frame has a visible, sounding source
+        if expected[f]:
+            assert any(s["visible"] and s["active"] for s in frame["sources"])
+    rendered = load_cache(build_cache(tmp_path / "rendered", 1, seed=5, seconds=2.0, progress=False))
+    assert rendered.visible_dominant.dtype == bool
+    np.testing.assert_array_equal(rendered.visible_dominant[0], expected)  # the same scene (seed 5, 2 s)
+    assert expected.any() and not expected.all()

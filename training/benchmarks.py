@@ -13,18 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def pin_to_one_core() -> int:
-    """Run this process on one CPU core; returns the core used."""
-    core = sorted(os.sched_getaffinity(0))[0]
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def percentiles(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.median(v)), "p95": float(np.percentile(v, 95)),
-            "p99": float(np.percentile(v, 99)), "max": float(v.max()), "n": int(len(v))}
+from engine.bench import percentiles
 
 
 def bench_render(count: int = 20, seed: int = 10_000, sources: int | None = 1, duration: float = 8.0,

@@ -118,7 +118,7 @@ def distill(cfg: DistillConfig, out_dir: Path | str, device: str | None = None, 
         horizon = (b["roles"] == ROLE_HORIZON)[:, None, :, None]
         context = (b["roles"] == ROLE_CONTEXT)[:, None, :, None]
         x = torch.where(horizon, x_start, torch.where(context, b["x1"], 0.0))
-        v = student(x, t0, b["frames"], b["video_present"], b["pose"], b["pose_present"], b["roles"])
+        v, _ = student(x, t0, b["frames"], b["video_present"], b["pose"], b["pose_present"], b["roles"])
         target = (x_end - x_start) / (t1 - t0)[:, None, None, None]
         loss = (((v - target) ** 2).mean(-1) * horizon[..., 0]).sum() / horizon[..., 0].sum()
         opt.zero_grad(set_to_none=True)

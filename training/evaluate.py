@@ -27,6 +27,7 @@ import torch
 
 from engine.generate import generate_batch
 from engine.geometry import lateral_angle
+from engine.interaural import band_matrix, spectral_factors
 from engine.model import BinauralModel
 from training.train_vae import EVAL_SEED
 
@@ -223,19 +224,23 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
     from training.scene_spec import parse_scene
 
     scene = render_scene(parse_scene(head_turn_scene(seed, duration=seconds)))
-    chunks: list[torch.Tensor] = []
+    record: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     audio = generate_batch(model, scene.frames[None], scene.spec.fps, [scene.pose], [seed], hop_latents,
-                           latents=chunks)[0]
+                           record=record)[0]
     vhop = model.vae.cfg.hop
     jumps = np.abs(np.diff(audio, axis=-1)).max(axis=0)  # (N - 1,) over ears
     count = audio.shape[-1] // vhop - 1
     # the crossfade between latents l - 1 and l covers aligned samples [(l - 1) hop, l hop)
     peak = np.array([jumps[(l - 1) * vhop:l * vhop].max() for l in range(1, count)])
     at_hop = np.arange(1, count) % hop_latents == 0
-    latents = torch.cat(chunks, dim=-2)[0]  # (E, L, D)
-    whole = model.vae.decode(latents.transpose(-1, -2))
-    streamed = torch.cat([model.vae.decode(c[0].transpose(-1, -2), state)
-                          for state in [model.vae.init_decoder(latents.shape[0])] for c in chunks], dim=-1)
+    bands = band_matrix(model.vae.cfg)
+    chunks = [(z[0].transpose(-1, -2), None if transfer is None else
+               spectral_factors(transfer[0, -hop_latents:], model.vae.cfg, bands)) for z, transfer in record]
+    has_factors = chunks[0][1] is not None
+    whole = model.vae.decode(torch.cat([z for z, _ in chunks], -1),
+                             factors=torch.cat([f for _, f in chunks], -2) if has_factors else None)
+    state = model.vae.init_decoder(whole.shape[0])
+    streamed = torch.cat([model.vae.decode(z, state, f) for z, f in chunks], dim=-1)
     return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(peak[at_hop].mean()),
             "latent_jump": float(peak[~at_hop].mean()), "ratio": float(peak[at_hop].mean() / peak[~at_hop].mean()),
             "hop_jump_max": float(peak[at_hop].max()), "latent_jump_max": float(peak[~at_hop].max()),

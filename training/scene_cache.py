@@ -10,6 +10,9 @@ Only .npy (no pickle) and JSON are written, so a cache is safe to share.
     cache/pose.npy        (N, F, 3) float32 yaw, pitch, roll (degrees) at t = f / fps
     cache/pose_known.npy  (N,) bool
     cache/audio.npy       (N, 2, T) float32, channel 0 = left ear
+    cache/visible_dominant.npy  (N, F) bool: one visible, sounding source dominates the frame's direct
+                          sound (from the metadata; true everywhere for clips without metadata). The
+                          frames where the direction heard can be seen: they supervise the interaural head.
 """
 from __future__ import annotations
 
@@ -23,17 +26,28 @@ import numpy as np
 
 from engine.generate import box_downsample
 
-CACHE_FORMAT = "visaudio-cache/1"
+CACHE_FORMAT = "visaudio-cache/2"
 
 
-def _render(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def visible_dominant(frame_meta: list[dict]) -> np.ndarray:
+    """(F,) bool from per-frame metadata: a visible, active source dominates (metrics.dominant_source)."""
+    from training.metrics import dominant_source, meta_tracks
+
+    meta = {"frames": frame_meta}
+    which, dominated = dominant_source(meta)
+    visible = meta_tracks(meta)[4].astype(bool)
+    return dominated & visible[np.arange(len(which)), which]
+
+
+def _render(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     seed, seconds, size = args
     from training.render import render_scene
     from training.sampler import random_scene
     from training.scene_spec import parse_scene
 
     scene = render_scene(parse_scene(random_scene(seed, duration=seconds)))
-    return box_downsample(scene.frames, size), scene.pose[:, 1:].astype(np.float32), scene.audio
+    return (box_downsample(scene.frames, size), scene.pose[:, 1:].astype(np.float32), scene.audio,
+            visible_dominant(scene.meta["frames"]))
 
 
 @dataclass
@@ -42,6 +56,7 @@ class SceneCache:
     pose: np.ndarray
     pose_known: np.ndarray
     audio: np.ndarray
+    visible_dominant: np.ndarray
     fps: float
     sample_rate: int
 
@@ -60,13 +75,15 @@ def build_cache(out: Path | str, count: int, seed: int = 1_000_000, seconds: flo
     frames = np.lib.format.open_memmap(out / "frames.npy", "w+", np.uint8, (count, nf, size, size, 3))
     pose = np.lib.format.open_memmap(out / "pose.npy", "w+", np.float32, (count, nf, 3))
     audio = np.lib.format.open_memmap(out / "audio.npy", "w+", np.float32, (count, 2, ns))
+    seen = np.zeros((count, nf), bool)
     np.save(out / "pose_known.npy", np.ones(count, bool))
     jobs_args = [(seed + i, seconds, size) for i in range(count)]
     ctx = mp.get_context("spawn")
     with ctx.Pool(jobs) if jobs > 1 else _Serial() as pool:
         results = pool.imap(_render, jobs_args, chunksize=4)
-        for i, (fr, po, au) in enumerate(tqdm(results, total=count, desc="scenes", disable=not progress)):
-            frames[i], pose[i], audio[i] = fr, po, au
+        for i, (fr, po, au, vd) in enumerate(tqdm(results, total=count, desc="scenes", disable=not progress)):
+            frames[i], pose[i], audio[i], seen[i] = fr, po, au, vd
+    np.save(out / "visible_dominant.npy", seen)
     for arr in (frames, pose, audio):
         arr.flush()
     index = {"format": CACHE_FORMAT, "count": count, "fps": fps, "sample_rate": sample_rate,
@@ -96,13 +113,17 @@ def cache_from_dataset(out: Path | str, dataset: Path | str, seconds: float = 8.
     pose = np.lib.format.open_memmap(out / "pose.npy", "w+", np.float32, (n, nf, 3))
     audio = np.lib.format.open_memmap(out / "audio.npy", "w+", np.float32, (n, 2, ns))
     known = np.zeros(n, bool)
+    seen = np.ones((n, nf), bool)
     for i, p in enumerate(tqdm(paths, desc="clips", disable=not progress)):
         clip = first if i == 0 else read_clip(p, sr)
         if clip.fps != fps or clip.sample_rate != sr:
             raise ValueError(f"{p}: {clip.fps} fps / {clip.sample_rate} Hz differs from the first clip's")
         w = window_of(clip, 0.0, seconds)
         frames[i], pose[i], audio[i], known[i] = box_downsample(w.frames, size), w.pose, w.audio, w.pose_known
+        if w.frame_meta is not None:
+            seen[i] = visible_dominant(w.frame_meta)
     np.save(out / "pose_known.npy", known)
+    np.save(out / "visible_dominant.npy", seen)
     for arr in (frames, pose, audio):
         arr.flush()
     index = {"format": CACHE_FORMAT, "count": n, "fps": fps, "sample_rate": sr, "frame_size": size,
@@ -121,7 +142,7 @@ def load_cache(path: Path | str) -> SceneCache:
     if index.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path / 'index.json'}: format is not {CACHE_FORMAT!r}")
     arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r", allow_pickle=False)
-              for k in ("frames", "pose", "pose_known", "audio")}
+              for k in ("frames", "pose", "pose_known", "audio", "visible_dominant")}
     counts = {k: len(a) for k, a in arrays.items()}
     if set(counts.values()) != {index["count"]}:
         raise ValueError(f"{path}: arrays disagree on the clip count {counts} (index says {index['count']})")

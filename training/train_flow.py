@@ -1,6 +1,7 @@
 """`visaudio train flow`: conditional flow matching of the dual-branch network on sliding windows.
 
 Loss (ViSAudio eq. 1, per ear, summed): E || v(x_t, t | C) - (x1 - x0) ||^2 on the horizon positions,
+plus, with the interaural head, its supervised loss against the transfer measured on the audio,
 x_t = t x1 + (1 - t) x0, t logit-normal (MMAudio), x0 normal with the ears coupled (FlowConfig). Each training window draws its own context/horizon
 split (half the time one of the runtime splits, otherwise any), and sometimes a shorter real context
 (the start of a stream), so one model serves every hop the runtime uses. Video and pose are dropped
@@ -20,6 +21,7 @@ import torch
 
 from engine.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from engine.config import JsonConfig
+from engine.interaural import band_matrix, labels as interaural_labels, spectral_factors
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, FlowConfig, FlowNet
 from engine.model import BinauralModel, SamplerConfig, save_model
 from engine.sampling import couple_ears
@@ -41,6 +43,7 @@ class TrainFlowConfig(JsonConfig):
     weight_decay: float = 0.01
     warmup: int = 200
     ema: float = 0.998  # short horizon: CPU runs are a few thousand steps
+    transfer_weight: float = 1.0  # interaural head loss (unit-scale targets) added to the flow loss
     video_dropout: float = 0.1
     pose_dropout: float = 0.1
     short_context: float = 0.15  # windows whose real context is shorter than their split (stream start)
@@ -69,18 +72,31 @@ class LatentWindows:
             raise ValueError(f"{cache_dir}: frames are {cache.frames.shape[2]} px, the model wants {flow_cfg.frame_size}")
         self.cfg, self.cache, self.idx = flow_cfg, cache, list(idx)
         rate = vae.cfg.latents_per_second
-        latents, poses = [], []
+        bands = band_matrix(vae.cfg)
+        latents, poses, transfers, weights = [], [], [], []
         with torch.no_grad():
             for i in tqdm(self.idx, desc="encoding", disable=not progress):
                 audio = torch.from_numpy(np.array(cache.audio[i]))
                 if flow_cfg.ears == 1:
                     audio = audio.mean(0, keepdim=True)
-                usable = audio.shape[-1] // vae.cfg.hop * vae.cfg.hop
-                latents.append(vae.encode(audio[None, :, :usable])[0].transpose(-1, -2).half())  # (E, L, D)
+                audio = audio[:, :audio.shape[-1] // vae.cfg.hop * vae.cfg.hop]
+                factors = None
+                if flow_cfg.interaural:  # centred ears: the measured transfer divided out
+                    params, weight = interaural_labels(vae.spectra(audio), vae.cfg, bands)
+                    factors = spectral_factors(-params, vae.cfg, bands)
+                    # the head learns only where the direction heard can be seen
+                    seen = np.asarray(cache.visible_dominant[i])
+                    latent_seen = seen[np.minimum(np.arange(len(params)) // flow_cfg.latents_per_frame, len(seen) - 1)]
+                    transfers.append(params)
+                    weights.append(weight * torch.from_numpy(latent_seen).float()[:, None])
+                latents.append(vae.encode(audio, factors=factors).transpose(-1, -2).half())  # (E, L, D)
                 times = np.arange(cache.pose.shape[1]) / cache.fps
                 poses.append(latent_pose(times, np.asarray(cache.pose[i]), latents[-1].shape[1], rate))
         self.latents = torch.stack(latents)  # (N, E, L, D)
         self.poses = torch.from_numpy(np.stack(poses))  # (N, L, 3)
+        # interaural transfer labels (N, L, PARAMS) and their weights (N, L, 2: ITD, ILD)
+        self.transfer = torch.stack(transfers) if transfers else None
+        self.transfer_weight = torch.stack(weights) if weights else None
         self.pose_known = torch.from_numpy(np.asarray(cache.pose_known)[self.idx])
 
     def batch(self, rng: np.random.Generator, size: int, video_dropout: float = 0.0, pose_dropout: float = 0.0,
@@ -104,8 +120,12 @@ class LatentWindows:
         pose_present = (~missing) & self.pose_known[clip][:, None] & torch.from_numpy(rng.random(size) >= pose_dropout)[:, None]
         frame_missing = missing.reshape(size, -1, lpf).all(-1)
         video_present = (~frame_missing) & torch.from_numpy(rng.random(size) >= video_dropout)[:, None]
-        return {"x1": x1, "frames": torch.from_numpy(frames), "video_present": video_present, "pose": pose,
-                "pose_present": pose_present, "roles": torch.from_numpy(roles)}
+        batch = {"x1": x1, "frames": torch.from_numpy(frames), "video_present": video_present, "pose": pose,
+                 "pose_present": pose_present, "roles": torch.from_numpy(roles)}
+        if self.transfer is not None:
+            batch["transfer"] = torch.stack([self.transfer[c, s:s + w] for c, s in zip(clip, start)])
+            batch["transfer_weight"] = torch.stack([self.transfer_weight[c, s:s + w] for c, s in zip(clip, start)])
+        return batch
 
 
 def split_clips(cache_dir: str, holdout: int) -> tuple[slice, slice]:
@@ -116,8 +136,11 @@ def split_clips(cache_dir: str, holdout: int) -> tuple[slice, slice]:
     return slice(0, count - holdout), slice(count - holdout, count)
 
 
-def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torch.Generator | None = None) -> torch.Tensor:
-    """Velocity MSE on the horizon positions (mean over horizon latents, summed over ears)."""
+def training_losses(net, batch: dict, ear_correlation: float,
+                    rng_torch: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """flow: velocity MSE on the horizon positions (mean over horizon latents, summed over ears);
+    transfer (interaural head only): weighted Huber loss of the predicted transfer against the labels
+    at every position with a latent (engine/interaural.py)."""
     x1, roles = batch["x1"], batch["roles"]
     b = x1.shape[0]
     x0 = couple_ears(torch.randn(x1.shape, generator=rng_torch, device=x1.device), ear_correlation)
@@ -125,9 +148,15 @@ def flow_matching_loss(net, batch: dict, ear_correlation: float, rng_torch: torc
     horizon = (roles == ROLE_HORIZON)[:, None, :, None]
     xt = torch.where(horizon, t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0,
                      torch.where((roles == ROLE_CONTEXT)[:, None, :, None], x1, torch.zeros_like(x1)))
-    v = net(xt, t, batch["frames"], batch["video_present"], batch["pose"], batch["pose_present"], roles)
+    v, transfer = net(xt, t, batch["frames"], batch["video_present"], batch["pose"], batch["pose_present"], roles)
     err = ((v - (x1 - x0)) ** 2).mean(-1) * horizon[..., 0]  # (B, E, W)
-    return err.sum() / horizon[..., 0].sum().clamp(min=1)
+    losses = {"flow": err.sum() / horizon[..., 0].sum().clamp(min=1)}
+    if "transfer" in batch:
+        weight = batch["transfer_weight"] * (roles != ROLE_MISSING)[..., None]  # (B, W, 2)
+        huber = torch.nn.functional.huber_loss(transfer.float(), batch["transfer"], reduction="none")
+        itd, ild = huber[..., 0] * weight[..., 0], huber[..., 1:].mean(-1) * weight[..., 1]
+        losses["transfer"] = itd.sum() / weight[..., 0].sum().clamp(min=1) + ild.sum() / weight[..., 1].sum().clamp(min=1)
+    return losses
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -191,7 +220,8 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
             group["lr"] = lr
         batch = _to(train.batch(rng, cfg.batch, cfg.video_dropout, cfg.pose_dropout, cfg.short_context), device)
         with autocast:
-            loss = flow_matching_loss(model, batch, cfg.flow.ear_noise_correlation, noise_rng)
+            losses = training_losses(model, batch, cfg.flow.ear_noise_correlation, noise_rng)
+            loss = losses["flow"] + cfg.transfer_weight * losses.get("transfer", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -202,11 +232,13 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
                 ema[k].lerp_(v.detach(), 1 - cfg.ema)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        record = {"step": step, "loss": loss.item(), "grad_norm": float(grad), "lr": lr,
-                  "seconds": time.time() - start_time}
+        record = {"step": step, "loss": loss.item(), **{f"{k}_loss": v.item() for k, v in losses.items()},
+                  "grad_norm": float(grad), "lr": lr, "seconds": time.time() - start_time}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = validation_loss(net, ema, held, cfg, device)
-            bar.write(f"step {step}: val loss {record['val_loss']:.4f}")
+            val = validation_losses(net, ema, held, cfg, device)
+            record.update({f"val_{k}_loss": v for k, v in val.items()})
+            record["val_loss"] = val["flow"]
+            bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if rank == 0:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -227,11 +259,12 @@ def train_flow(cfg: TrainFlowConfig, out_dir: Path | str, resume: bool = False, 
 
 
 @torch.no_grad()
-def validation_loss(net: FlowNet, ema: dict, held: LatentWindows, cfg: TrainFlowConfig, device, batches: int = 4) -> float:
-    """Flow-matching loss of the EMA weights on held-out clips (fixed windows and noise)."""
+def validation_losses(net: FlowNet, ema: dict, held: LatentWindows, cfg: TrainFlowConfig, device,
+                      batches: int = 4) -> dict[str, float]:
+    """Losses of the EMA weights on held-out clips (fixed windows and noise)."""
     probe = FlowNet(cfg.flow, pretrained_vision=False).to(device)
     probe.load_state_dict(ema)
     rng, noise = np.random.default_rng(1234), torch.Generator(device=device).manual_seed(1234)
-    losses = [flow_matching_loss(probe, _to(held.batch(rng, cfg.batch), device), cfg.flow.ear_noise_correlation,
-                                 noise).item() for _ in range(batches)]
-    return float(np.mean(losses))
+    losses = [training_losses(probe, _to(held.batch(rng, cfg.batch), device), cfg.flow.ear_noise_correlation, noise)
+              for _ in range(batches)]
+    return {k: float(np.mean([l[k].item() for l in losses])) for k in losses[0]}

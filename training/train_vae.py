@@ -73,7 +73,7 @@ def fit_vae(cfg: TrainVAEConfig, progress: bool = True) -> SpectralVAE:
         for audio in tqdm(_training_audio(cfg), total=cfg.clips, desc="clips", disable=not progress):
             usable = audio.shape[-1] // cfg.vae.hop * cfg.vae.hop
             x = torch.from_numpy(np.array(audio[:, :usable]))
-            f = vae.features(vae._frames(x, x.new_zeros(x.shape[0], cfg.vae.hop))).reshape(-1, feat).double()
+            f = vae.features(x).reshape(-1, feat).double()
             total += f.sum(0).numpy()
             outer += (f.T @ f).numpy()
             count += f.shape[0]

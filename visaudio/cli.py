@@ -131,7 +131,8 @@ def cmd_bench(args) -> int:
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    from training.benchmarks import bench_render, pin_to_one_core
+    from engine.bench import pin_to_one_core
+    from training.benchmarks import bench_render
 
     core = pin_to_one_core() if args.threads == 1 else None
     result = bench_render(args.count, seed=args.seed, sources=args.sources or None, duration=args.duration)
@@ -146,6 +147,51 @@ def cmd_bench(args) -> int:
         print(f"direction error (deg): median over frames {fmt(d['median_over_frames'])}, median of scene "
               f"medians {fmt(d['median_of_scene_medians'])} (front sources {fmt(d['front_median_of_scene_medians'])}, "
               f"back {fmt(d['back_median_of_scene_medians'])})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine.backends import EngineError
+    from export.compare import compare_backends, format_comparison
+    from export.steps import ExportError, export_engine
+
+    _threads(args)
+    out = Path(args.out)
+    try:
+        for batch in args.batch:
+            folder = out if len(args.batch) == 1 else out / f"batch{batch}"
+            manifest = export_engine(folder, args.checkpoint, args.hop, batch, args.context, args.steps, args.precision)
+            info = json.loads(manifest.read_text())
+            print(f"{folder}/: {', '.join(g['file'] for g in info['graphs'].values())} + manifest.json "
+                  f"(batch {batch}, hop {info['hop']['latents']} latents = {info['hop']['seconds'] * 1e3:g} ms, "
+                  f"context {info['hop']['context']}, {info['evaluations']} network evaluations per hop)")
+            if args.check:
+                report = compare_backends(folder, threads=args.threads)
+                print(format_comparison(report))
+    except (ExportError, EngineError, ValueError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_bench_engine(args) -> int:
+    import tempfile
+
+    from engine.backends import EngineError
+    from engine.bench import bench_engine, format_bench
+    from export.steps import export_engine
+
+    _threads(args)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.engine
+            if path is None:  # the shipped checkpoint at the default options
+                path = tmp
+                for batch in args.batch:
+                    export_engine(Path(tmp) / f"batch{batch}", batch=batch)
+            report = bench_engine(path, args.backend or None, args.hops, threads=args.threads)
+    except (EngineError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(report, indent=2) if args.json else format_bench(report))
     return 0
 
 
@@ -358,6 +404,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 pins the process to one core)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = bench.add_parser("engine", help="per-hop latency p50/p95/p99, real-time factor and streams per device, "
+                                        "every available backend side by side",
+                         description="Times hops of an exported engine (or, without --engine, of the shipped "
+                                     "model exported at the default options) on every available backend, "
+                                     "hops interleaved round-robin.")
+    p.add_argument("--engine", help="engine folder (or a folder of them, one per batch) from `visaudio export`")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batches to export without --engine")
+    p.add_argument("--backend", nargs="+", help="torch, torch-eager, onnxruntime, tensorrt (default: every available one)")
+    p.add_argument("--hops", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime (default 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_engine)
+
+    p = sub.add_parser("export", help="export a checkpoint as a few-step streaming engine: static ONNX graphs "
+                                      "+ manifest (TensorRT plans are built from them on first use on a GPU)",
+                       description="Writes OUT/conditions.onnx, denoise.onnx (sampler steps unrolled, noise an "
+                                   "input), decode.onnx (decoder state in and out) and manifest.json; with several "
+                                   "--batch values, one folder per batch (OUT/batchN). docs/FORMATS.md#engines.")
+    p.add_argument("--checkpoint", help="model checkpoint (default: checkpoints/default.safetensors)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hop", type=int, default=4, help="latents per hop (default 4 = 80 ms)")
+    p.add_argument("--context", type=int, help="latents of context (default: the trained window minus the hop)")
+    p.add_argument("--steps", type=int, help="uniform Euler steps (default: the model's own sampler times)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="independent streams per graph call")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: the TensorRT plan is built in FP16 (the ONNX stays fp32)")
+    p.add_argument("--check", action="store_true", help="run the cross-backend comparator on the export")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cache", help="render N random scenes (or a dataset folder) into a training cache",
                        description="Writes memory-mappable .npy arrays (frames at 64 px, pose, binaural audio) + "

@@ -1,0 +1,153 @@
+"""`visaudio export`: checkpoint -> few-step settings -> traced ONNX -> checked/optimised -> saved engine.
+
+Each step is a function usable on its own (Polygraphy's composable loaders):
+
+    model = load(checkpoint)                               # safetensors checkpoint -> BinauralModel
+    geometry = configure(model, hop=4, batch=1, ...)       # the few-step hop: shapes, steps, guidance
+    graphs = trace(model, geometry, out_dir)               # three static-shape ONNX graphs (engine/hop.py)
+    check(graphs, geometry)                                # onnx.checker + shape inference vs the geometry
+    write_manifest(out_dir, ...)                           # rates, shapes, options, hashes, versions
+
+`export_engine` chains them. Graphs are fp32 ONNX, opset 17, static shapes, only ops in TensorRT's
+ONNX support list; `precision` = fp16 asks the TensorRT builder for an FP16 engine (engine/backends.py).
+Exports are deterministic: the same checkpoint and options give byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine.hop import HopGeometry, hop_steps
+from engine.model import BinauralModel, load_model
+
+MANIFEST_FORMAT = "visaudio-engine/1"
+OPSET = 17
+STEPS = ("conditions", "denoise", "decode")
+PRECISIONS = ("fp32", "fp16")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(checkpoint: Path | str | None = None) -> tuple[BinauralModel, dict]:
+    """The model (default: the shipped student) on the CPU, in eval mode."""
+    return load_model(checkpoint)
+
+
+def configure(model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
+              steps: int | None = None, guidance: float | None = None) -> HopGeometry:
+    """The hop to export: the model's own sampler (a student's distilled times) unless `steps` asks for
+    a uniform Euler grid of that many steps."""
+    times = None if steps is None else [i / steps for i in range(steps + 1)]
+    geometry = HopGeometry.of(model, hop, batch, context, times, guidance)
+    if geometry.evaluations > 4:
+        warnings.warn(f"{geometry.evaluations} network evaluations per hop: a teacher, not a few-step engine")
+    return geometry
+
+
+def _example(spec: list) -> tuple[torch.Tensor, ...]:
+    dtypes = {"float32": torch.float32, "uint8": torch.uint8}
+    return tuple(torch.zeros(shape, dtype=dtypes[dtype]) for _, shape, dtype in spec)
+
+
+def trace(model: BinauralModel, geometry: HopGeometry, out_dir: Path | str) -> dict[str, Path]:
+    """Trace the three hop steps to OUT/NAME.onnx (legacy TorchScript exporter: deterministic, no
+    onnxscript dependency)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modules = hop_steps(model.cpu().eval(), geometry)
+    paths = {}
+    for name, (inputs, outputs) in geometry.signature().items():
+        path = out_dir / f"{name}.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(modules[name].eval(), _example(inputs), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=[n for n, _, _ in inputs], output_names=[n for n, _, _ in outputs],
+                              do_constant_folding=True)
+        paths[name] = path
+    return paths
+
+
+def check(paths: dict[str, Path], geometry: HopGeometry) -> None:
+    """onnx.checker, full shape inference, and every graph input/output against the geometry; the files
+    are rewritten with the inferred shapes (value_info) and without doc strings (stable bytes)."""
+    import onnx
+    from onnx import shape_inference
+
+    elem = {"float32": onnx.TensorProto.FLOAT, "uint8": onnx.TensorProto.UINT8}
+    for name, (inputs, outputs) in geometry.signature().items():
+        model = onnx.load(str(paths[name]))
+        onnx.checker.check_model(model, full_check=True)
+        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        for want, have in ((inputs, model.graph.input), (outputs, model.graph.output)):
+            got = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim), v.type.tensor_type.elem_type)
+                   for v in have]
+            expected = [(n, tuple(s), elem[t]) for n, s, t in want]
+            if got != expected:
+                raise ExportError(f"{paths[name].name}: graph I/O {got} != expected {expected}")
+        for node in model.graph.node:
+            node.doc_string = ""
+        model.doc_string = ""
+        onnx.save(model, str(paths[name]))
+
+
+def versions() -> dict[str, str]:
+    import onnx
+
+    from importlib.metadata import version
+
+    return {"visaudio-rt": version("visaudio-rt"), "torch": torch.__version__, "onnx": onnx.__version__}
+
+
+def write_manifest(out_dir: Path | str, geometry: HopGeometry, model: BinauralModel, checkpoint: Path | str,
+                   paths: dict[str, Path], precision: str) -> Path:
+    vae = model.vae.cfg
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "checkpoint": {"file": str(checkpoint), "sha256": sha256(checkpoint), "role": model.role},
+        "rates": {"sample_rate": vae.sample_rate, "latents_per_second": vae.latents_per_second,
+                  "fps": vae.latents_per_second / geometry.latents_per_frame},
+        "hop": {"latents": geometry.hop, "samples": geometry.samples,
+                "seconds": geometry.samples / vae.sample_rate, "context": geometry.window - geometry.hop},
+        "steps": len(geometry.times) - 1, "evaluations": geometry.evaluations, "batch": geometry.batch,
+        "precision": precision, "opset": OPSET,
+        "geometry": asdict(geometry),
+        "graphs": {name: {"file": paths[name].name, "sha256": sha256(paths[name]),
+                          "inputs": [[n, list(s), t] for n, s, t in ins],
+                          "outputs": [[n, list(s), t] for n, s, t in outs]}
+                   for name, (ins, outs) in geometry.signature().items()},
+        "state": [[n, list(s), t] for n, s, t in geometry.state()],
+        "versions": versions(),
+    }
+    path = Path(out_dir) / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def export_engine(out_dir: Path | str, checkpoint: Path | str | None = None, hop: int = 4, batch: int = 1,
+                  context: int | None = None, steps: int | None = None, precision: str = "fp32") -> Path:
+    """The whole chain; returns OUT/manifest.json."""
+    from engine.model import DEFAULT_CHECKPOINT
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    model, _ = load(checkpoint)
+    geometry = configure(model, hop, batch, context, steps)
+    paths = trace(model, geometry, out_dir)
+    check(paths, geometry)
+    return write_manifest(out_dir, geometry, model, checkpoint, paths, precision)

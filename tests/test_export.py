@@ -1,0 +1,157 @@
+"""Export and engines: static ONNX graphs, byte-identical exports, torch == onnxruntime, refusals."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backends import EngineError, example_inputs, open_engine, read_manifest
+from export.steps import export_engine
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_models, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("engine") / "b2"
+    export_engine(out, tiny_models["student"], hop=4, batch=2)
+    return out
+
+
+def _digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_export_writes_checked_static_graphs_and_a_manifest(engine_dir, tiny_models, tmp_path):
+    import onnx
+
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert manifest["batch"] == 2 and manifest["evaluations"] == 2 and manifest["hop"]["latents"] == 4
+    assert manifest["opset"] == 17 and set(manifest["graphs"]) == {"conditions", "denoise", "decode"}
+    for entry in manifest["graphs"].values():
+        model = onnx.load(str(engine_dir / entry["file"]))
+        onnx.checker.check_model(model, full_check=True)
+        for value in [*model.graph.input, *model.graph.output]:  # static: every dim a number
+            assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), value.name
+        assert model.opset_import[0].version == 17
+    # the same checkpoint and options give the same bytes
+    again = tmp_path / "again"
+    export_engine(again, tiny_models["student"], hop=4, batch=2)
+    assert _digests(again) == _digests(engine_dir)
+
+
+def test_onnxruntime_equals_torch_and_the_offline_generator(engine_dir, tiny_models):
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+
+    ort, eager = open_engine(engine_dir, "onnxruntime", threads=1), open_engine(engine_dir, "torch", threads=1)
+    model, _ = load_model(tiny_models["student"])
+    offline = StreamGenerator(model, 4, 2)
+    states = [r.init_state() for r in (ort, eager, offline)]
+    for i in range(6):
+        inputs = example_inputs(ort.g, i)
+        outs = [r.hop(s, **inputs) for r, s in zip((ort, eager, offline), states)]
+        assert outs[0].shape == (2, 2, 4 * 320)
+        assert (outs[0] - outs[1]).abs().max() <= 1e-5
+        torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)
+    # a reset through the engine interface forgets the past for the masked stream only
+    for s in states[:2]:
+        s.reset(torch.tensor([True, False]))
+    assert states[0]["latent_present"][0].sum() == 0 and states[0]["latent_present"][1].sum() > 0
+
+
+def test_shorter_context_is_its_own_geometry(tiny_models, tmp_path):
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+
+    export_engine(tmp_path, tiny_models["student"], hop=4, context=8)
+    ort = open_engine(tmp_path, "onnxruntime", threads=1)
+    assert ort.g.window == 12
+    model, _ = load_model(tiny_models["student"])
+    offline = StreamGenerator(model, 4, 1, context=8)
+    a, b = ort.init_state(), offline.init_state()
+    for i in range(4):
+        inputs = example_inputs(ort.g, i)
+        assert (ort.hop(a, **inputs) - offline.hop(b, **inputs)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="multiples of 2"):
+        export_engine(tmp_path / "bad", tiny_models["student"], hop=3)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("onnx", "sha256 differs"),
+    ("format", "format"),
+    ("shape", "I/O does not match"),
+    ("missing", "missing"),
+    ("json", "not JSON"),
+])
+def test_engines_refuse_mismatched_files(engine_dir, tmp_path, damage, message):
+    bad = tmp_path / "engine"
+    shutil.copytree(engine_dir, bad)
+    manifest_path = bad / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "onnx":
+        with open(bad / "decode.onnx", "ab") as f:
+            f.write(b"\0")
+    elif damage == "format":
+        manifest["format"] = "visaudio-engine/0"
+    elif damage == "shape":
+        manifest["graphs"]["denoise"]["inputs"][1][1][0] = 3
+    elif damage == "missing":
+        (bad / "conditions.onnx").unlink()
+    elif damage == "json":
+        manifest_path.write_text("{")
+    if damage in ("format", "shape"):
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match=message):
+        read_manifest(bad)
+    with pytest.raises(EngineError, match="backend must be one of"):
+        open_engine(engine_dir, "openvino")
+
+
+def test_torch_backend_refuses_another_checkpoint(engine_dir, tmp_path, tiny_models):
+    bad = tmp_path / "engine"
+    shutil.copytree(engine_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["checkpoint"]["file"] = str(tiny_models["teacher"])
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="not the checkpoint this engine was exported from"):
+        open_engine(bad, "torch")
+
+
+def test_export_check_and_bench_cli(tiny_models, tmp_path, capsys):
+    from visaudio.cli import main
+
+    out = tmp_path / "eng"
+    assert main(["export", "--checkpoint", str(tiny_models["student"]), "--out", str(out), "--batch", "1", "2",
+                 "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime vs torch" in text and "audio" in text
+    assert (out / "batch1" / "manifest.json").exists() and (out / "batch2" / "manifest.json").exists()
+    assert main(["bench", "engine", "--engine", str(out), "--hops", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    seen = {(r["batch"], r["backend"]) for r in report["results"]}
+    assert {(1, "torch"), (1, "onnxruntime"), (2, "torch"), (2, "onnxruntime")} <= seen
+    assert all(r["hop_ms"]["p50"] > 0 and np.isfinite(r["rtf"]) for r in report["results"])
+    assert main(["bench", "engine", "--engine", str(tmp_path / "nothing")]) == 2  # _fail: a clear error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_cuda_graph_backend_equals_eager(engine_dir):
+    graphs, eager = open_engine(engine_dir, "torch"), open_engine(engine_dir, "torch-eager")
+    a, b = graphs.init_state(), eager.init_state()
+    for i in range(4):
+        inputs = {k: v.cuda() for k, v in example_inputs(graphs.g, i).items()}
+        assert (graphs.hop(a, **inputs) - eager.hop(b, **inputs)).abs().max() <= 1e-4
+
+
+def test_tensorrt_backend_matches_onnxruntime(engine_dir):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable here (NVIDIA's own index)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs an NVIDIA GPU")
+    trt, ort = open_engine(engine_dir, "tensorrt"), open_engine(engine_dir, "onnxruntime")
+    a, b = trt.init_state(), ort.init_state()
+    for i in range(4):
+        inputs = example_inputs(ort.g, i)
+        out = trt.hop(a, **{k: v.cuda() for k, v in inputs.items()}).cpu()
+        assert (out - ort.hop(b, **inputs)).abs().max() <= 1e-3
