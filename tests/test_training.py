@@ -134,4 +134,12 @@ def test_cache_marks_frames_where_a_visible_source_dominates(clip_dir, tmp_path)
     rendered = load_cache(build_cache(tmp_path / "rendered", 1, seed=5, seconds=2.0, progress=False))
     assert rendered.visible_dominant.dtype == bool
     np.testing.assert_array_equal(rendered.visible_dominant[0], expected)  # the same scene (seed 5, 2 s)
-    assert expected.any() and not expected.all()
+    # the rule on hand-made frames: a visible source 10 dB over an off-screen one; then the reverse;
+    # then two within 6 dB; then the visible one silent
+    src = lambda visible, active, level: {"azimuth": 0.0, "elevation": 0.0, "visible": visible,  # noqa: E731
+                                          "active": active, "level_db": level}
+    frames = [{"t": 0.0, "sources": [src(True, True, -10.0), src(False, True, -20.0)]},
+              {"t": 0.04, "sources": [src(True, True, -20.0), src(False, True, -10.0)]},
+              {"t": 0.08, "sources": [src(True, True, -10.0), src(False, True, -13.0)]},
+              {"t": 0.12, "sources": [src(True, False, -10.0), src(False, True, -20.0)]}]
+    assert visible_dominant(frames).tolist() == [True, False, False, False]
