@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.hop import StreamGenerator
+from engine.hop import HopRunner, StreamGenerator
 from engine.model import BinauralModel
 
 
@@ -46,35 +46,44 @@ def generate_batch(model: BinauralModel, frames: np.ndarray, fps: float, poses: 
     stream b draws its noise from seeds[b], so a clip gives the same audio alone or in a batch.
     If `record` is a list, each hop's (latents (B, E, H, D), transfer (B, W, P) or None) are appended to it.
     Returns (B, E, samples) aligned with the video (the decoder's one-hop lag removed)."""
+    runner = StreamGenerator(model, hop_latents, frames.shape[0], times, guidance)
+    return run_streams(runner, frames, fps, poses, seeds, model.vae.cfg.sample_rate, progress, record)
+
+
+def run_streams(runner: HopRunner, frames: np.ndarray, fps: float, poses: list[np.ndarray | None],
+                seeds: list[int], sample_rate: int, progress: bool = False, record: list | None = None) -> np.ndarray:
+    """generate_batch on any engine (engine/backends.py): B = the runner's batch."""
     from tqdm import tqdm
 
-    cfg, vcfg = model.flow.cfg, model.vae.cfg
-    if abs(fps * cfg.latents_per_frame - vcfg.latents_per_second) > 1e-6:
-        raise ValueError(f"the model wants {vcfg.latents_per_second / cfg.latents_per_frame:g} fps video, got {fps:g}")
+    g = runner.g
+    latents_per_second = sample_rate / g.vae_hop
+    if abs(fps * g.latents_per_frame - latents_per_second) > 1e-6:
+        raise ValueError(f"the model wants {latents_per_second / g.latents_per_frame:g} fps video, got {fps:g}")
     batch, count_frames = frames.shape[:2]
-    small = box_downsample(frames, cfg.frame_size)
-    gen = StreamGenerator(model, hop_latents, batch, times, guidance)
-    hops = int(np.ceil(count_frames / gen.frames_per_hop))
-    count = hops * hop_latents
-    ypr = torch.stack([torch.from_numpy(latent_pose(p[:, 0], p[:, 1:], count, vcfg.latents_per_second))
+    if batch != g.batch:
+        raise ValueError(f"{batch} clips for an engine of batch {g.batch}")
+    small = box_downsample(frames, g.frame_size)
+    hops = int(np.ceil(count_frames / g.hop_frames))
+    count = hops * g.hop
+    ypr = torch.stack([torch.from_numpy(latent_pose(p[:, 0], p[:, 1:], count, latents_per_second))
                        if p is not None else torch.zeros(count, 3) for p in poses])
-    pose_known = torch.tensor([p is not None for p in poses])[:, None].expand(batch, hop_latents)
-    pad = hops * gen.frames_per_hop - count_frames
+    pose_known = torch.tensor([p is not None for p in poses])[:, None].expand(batch, g.hop)
+    pad = hops * g.hop_frames - count_frames
     padded = np.concatenate([small, np.repeat(small[:, -1:], pad, 1)], axis=1)
-    present = (torch.arange(hops * gen.frames_per_hop) < count_frames)[None].expand(batch, -1)
+    present = (torch.arange(hops * g.hop_frames) < count_frames)[None].expand(batch, -1)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    state = gen.init_state()
-    device = model.vae.mean.device
+    state = runner.init_state()
+    device = runner.device
     out = []
     for k in tqdm(range(hops), desc="hops", disable=not progress):
-        f0, l0, fh = k * gen.frames_per_hop, k * hop_latents, gen.frames_per_hop
-        noise = torch.stack([torch.randn(cfg.ears, hop_latents, cfg.latent_dim, generator=g) for g in generators])
-        audio = gen.hop(state, torch.from_numpy(padded[:, f0:f0 + fh]).to(device), present[:, f0:f0 + fh].to(device),
-                        ypr[:, l0:l0 + hop_latents].to(device), pose_known.to(device), noise.to(device))
+        f0, l0, fh = k * g.hop_frames, k * g.hop, g.hop_frames
+        noise = torch.stack([torch.randn(g.ears, g.hop, g.latent_dim, generator=gen) for gen in generators])
+        audio = runner.hop(state, torch.from_numpy(padded[:, f0:f0 + fh]).to(device), present[:, f0:f0 + fh].to(device),
+                           ypr[:, l0:l0 + g.hop].to(device), pose_known.to(device), noise.to(device))
         out.append(audio.cpu())
         if record is not None:
-            record.append((gen.values["new_latents"].cpu(), gen.values["transfer"].cpu() if "transfer" in gen.values
-                           else None))
+            values = runner.values
+            record.append((values["new_latents"].cpu(), values["transfer"].cpu() if "transfer" in values else None))
     tail = state["decoder_tail"].cpu()
-    audio = torch.cat(out + [tail], dim=-1)[..., vcfg.hop:]
-    return audio[..., :int(round(count_frames / fps * vcfg.sample_rate))].numpy()
+    audio = torch.cat(out + [tail], dim=-1)[..., g.vae_hop:]
+    return audio[..., :int(round(count_frames / fps * sample_rate))].numpy()

@@ -326,25 +326,37 @@ def cmd_render(args) -> int:
     import numpy as np
     import soundfile as sf
 
+    from engine.backends import EngineError, best_backend, open_engine
     from engine.checkpoint import CheckpointError
-    from engine.generate import generate
+    from engine.generate import generate, run_streams
     from training.clips import ClipError, read_pose, read_video
 
     _threads(args)
     try:
-        model = _load(args.checkpoint)
         frames, fps = read_video(args.video)
         pose_file = Path(args.pose) if args.pose else Path(args.video) / "pose.jsonl"
         pose = read_pose(pose_file) if args.pose or pose_file.is_file() else None
-        audio = generate(model, frames, fps, pose, seed=args.seed, hop_latents=args.hop, progress=True)
-    except (CheckpointError, ClipError, ValueError, OSError) as exc:
+        if args.engine:
+            backend = args.backend
+            if backend == "auto":
+                backend, timings = best_backend(args.engine, args.threads)
+                print("backend auto: " + ", ".join(f"{b} {t * 1e3:.1f} ms/hop" for b, t in timings.items())
+                      + f" -> {backend}")
+            runner = open_engine(args.engine, backend, args.threads)
+            sample_rate = runner.manifest["rates"]["sample_rate"]
+            audio = run_streams(runner, frames[None], fps, [pose], [args.seed], sample_rate, progress=True)[0]
+        else:
+            model = _load(args.checkpoint)
+            sample_rate = model.vae.cfg.sample_rate
+            audio = generate(model, frames, fps, pose, seed=args.seed, hop_latents=args.hop, progress=True)
+    except (CheckpointError, ClipError, EngineError, ValueError, OSError) as exc:
         return _fail(str(exc))
     if audio.shape[0] == 1:
         audio = np.repeat(audio, 2, axis=0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(out, audio.T.astype(np.float32), model.vae.cfg.sample_rate, subtype="FLOAT")
-    print(f"wrote {out}: {audio.shape[1] / model.vae.cfg.sample_rate:.2f} s, 2 channels (0 = left ear)")
+    sf.write(out, audio.T.astype(np.float32), sample_rate, subtype="FLOAT")
+    print(f"wrote {out}: {audio.shape[1] / sample_rate:.2f} s, 2 channels (0 = left ear)")
     return 0
 
 
@@ -516,8 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose", help="pose.jsonl (docs/FORMATS.md); default: the clip folder's, else unknown")
     p.add_argument("--out", required=True, help="output WAV (float32, 2 channels, 0 = left)")
     p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    p.add_argument("--engine", help="run an exported engine (visaudio export) instead of the checkpoint")
+    p.add_argument("--backend", default="auto",
+                   help="with --engine: auto (time each available backend, take the fastest), torch, torch-eager, "
+                        "onnxruntime or tensorrt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hop", type=int, default=4)
+    p.add_argument("--hop", type=int, default=4, help="latents per hop (the engine's own with --engine)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_render)
 
