@@ -78,6 +78,8 @@ def onnxruntime_steps(manifest: dict, threads: int | None = None, providers: lis
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # idle worker threads sleep instead of spinning: the runtime shares its cores with I/O threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                               if p in ort.get_available_providers()]
     steps = {}
