@@ -52,8 +52,11 @@ def generate_batch(model: BinauralModel, frames: np.ndarray, fps: float, poses: 
 
 def run_streams(runner: HopRunner, frames: np.ndarray, fps: float, poses: list[np.ndarray | None],
                 seeds: list[int], sample_rate: int, progress: bool = False, record: list | None = None) -> np.ndarray:
-    """generate_batch on any engine (engine/backends.py): B = the runner's batch."""
+    """generate_batch on any engine (engine/backends.py), B = the runner's batch: each clip becomes a
+    StreamInputs fed with all its frames and poses up front, then read hop by hop as the runtime does."""
     from tqdm import tqdm
+
+    from engine.inputs import StreamInputs
 
     g = runner.g
     latents_per_second = sample_rate / g.vae_hop
@@ -62,25 +65,24 @@ def run_streams(runner: HopRunner, frames: np.ndarray, fps: float, poses: list[n
     batch, count_frames = frames.shape[:2]
     if batch != g.batch:
         raise ValueError(f"{batch} clips for an engine of batch {g.batch}")
-    small = box_downsample(frames, g.frame_size)
+    streams = []
+    for b, pose in enumerate(poses):
+        inputs = StreamInputs(fps, latents_per_second, g.frame_size, g.hop_frames, g.hop, origin_ns=0,
+                              end_frame=count_frames, pose_history=max(512, 0 if pose is None else len(pose)))
+        for i in range(count_frames):
+            inputs.add_frame(int(round(i * 1e9 / fps)), frames[b, i])
+        for row in () if pose is None else pose:
+            inputs.add_pose(int(round(row[0] * 1e9)), row[1:])
+        streams.append(inputs)
     hops = int(np.ceil(count_frames / g.hop_frames))
-    count = hops * g.hop
-    ypr = torch.stack([torch.from_numpy(latent_pose(p[:, 0], p[:, 1:], count, latents_per_second))
-                       if p is not None else torch.zeros(count, 3) for p in poses])
-    pose_known = torch.tensor([p is not None for p in poses])[:, None].expand(batch, g.hop)
-    pad = hops * g.hop_frames - count_frames
-    padded = np.concatenate([small, np.repeat(small[:, -1:], pad, 1)], axis=1)
-    present = (torch.arange(hops * g.hop_frames) < count_frames)[None].expand(batch, -1)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     state = runner.init_state()
     device = runner.device
     out = []
-    for k in tqdm(range(hops), desc="hops", disable=not progress):
-        f0, l0, fh = k * g.hop_frames, k * g.hop, g.hop_frames
+    for _ in tqdm(range(hops), desc="hops", disable=not progress):
+        f, fp, p, pp = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*(s.take_hop() for s in streams)))
         noise = torch.stack([torch.randn(g.ears, g.hop, g.latent_dim, generator=gen) for gen in generators])
-        audio = runner.hop(state, torch.from_numpy(padded[:, f0:f0 + fh]).to(device), present[:, f0:f0 + fh].to(device),
-                           ypr[:, l0:l0 + g.hop].to(device), pose_known.to(device), noise.to(device))
-        out.append(audio.cpu())
+        out.append(runner.hop(state, f, fp, p, pp, noise.to(device)).cpu())
         if record is not None:
             values = runner.values
             record.append((values["new_latents"].cpu(), values["transfer"].cpu() if "transfer" in values else None))
