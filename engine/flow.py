@@ -264,9 +264,11 @@ class FlowNet(nn.Module):
         self.null_grid = nn.Parameter(torch.randn(cfg.grid * cfg.grid, w) * 0.02)  # missing video
         self.null_pose = nn.Parameter(torch.zeros(w))  # missing pose
         self.pose_mlp = nn.Sequential(nn.Linear(6, w), nn.SiLU(), nn.Linear(w, w))
-        # per latent frame, from both ears' spacetime features of its video frame (causal: no time mixing)
-        self.transfer_head = (nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, TRANSFER_PARAMS))
-                              if cfg.interaural else None)
+        # per latent frame, from its video frame's whole spatial grid (causal: no time mixing). Reading
+        # the grid position by position learns where a source is far faster than the ear-query pooling:
+        # held-out head loss 2.6 vs 3.1 (a constant guess: 3.2) after 400 steps of the head alone
+        self.transfer_head = (nn.Sequential(nn.Linear(cfg.grid * cfg.grid * w, w), nn.SiLU(),
+                                            nn.Linear(w, TRANSFER_PARAMS)) if cfg.interaural else None)
         self.video_in = nn.Linear(w, w)
         self.latent_in = nn.Linear(cfg.latent_dim, w)
         self.ear_embedding = nn.Parameter(torch.randn(ears, w) * 0.02)
@@ -325,7 +327,7 @@ class FlowNet(nn.Module):
         video_cond = glob + pose_feat[:, ::cfg.latents_per_frame]
         keep = (roles != ROLE_MISSING).float()[:, None, :, None]
         if self.transfer_head is not None:
-            transfer = self.transfer_head(per_ear.transpose(1, 2).flatten(2))[:, self.frame_of_latent]
+            transfer = self.transfer_head(grid.flatten(2))[:, self.frame_of_latent]
         else:
             transfer = audio_cond.new_zeros(b, cfg.window, 0)
         return Conditions(self.video_in(glob), audio_cond, video_cond, keep, transfer)
