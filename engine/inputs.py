@@ -92,11 +92,15 @@ class StreamInputs:
         return True
 
     def complete(self, hop: int) -> bool:
-        """Every frame of the hop is here (or past the end of the stream)."""
+        """Every frame of the hop is here (or past the end of the stream), and, if the stream sends
+        poses, one at or after the hop's last latent time (so no pose needs predicting)."""
         last = (hop + 1) * self.hop_frames - 1
         if self.end_frame is not None:
             last = min(last, self.end_frame - 1)
-        return all(i in self.frames for i in range(hop * self.hop_frames, last + 1))
+        if not all(i in self.frames for i in range(hop * self.hop_frames, last + 1)):
+            return False
+        last_latent = ((hop + 1) * self.hop_latents - 1) / self.latents_per_second
+        return not self.pose_t or self.pose_t[-1] >= last_latent - 1e-9
 
     def take_hop(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Inputs of the next hop: frames (Fh, S, S, 3) uint8, frame_present (Fh,), pose (H, 3) degrees,
