@@ -68,7 +68,7 @@ class Runtime:
         self.rejected: Counter = Counter()
         self.counts: Counter = Counter()
         self.hop_ms: deque = deque(maxlen=2000)
-        self.latency_ms: deque = deque(maxlen=2000)  # last frame of a hop received -> its audio sent
+        self.latency_ms: deque = deque(maxlen=2000)  # last input of a complete hop received -> its audio sent
         self.last_arrival: list[int] = [0] * self.g.batch
         self.started_ns = clock()
 
@@ -137,6 +137,7 @@ class Runtime:
         slot = self._slot(msg.stream)
         if slot is not None:
             self.inputs[slot].add_pose(msg.t_ns, msg.ypr)
+            self.last_arrival[slot] = self.clock()
             self.counts["poses"] += 1
 
     def _on_control(self, parts) -> dict:
@@ -202,7 +203,7 @@ class Runtime:
         for slot, inputs in enumerate(self.inputs):
             if inputs is None or inputs.origin_ns is None:
                 continue
-            hops[slot] = inputs.next_hop
+            hops[slot] = (inputs.next_hop, inputs.complete(inputs.next_hop))
             frames[slot], present[slot], pose[slot], pose_present[slot] = inputs.take_hop()
             noise[slot] = torch.randn(g.ears, g.hop, g.latent_dim, generator=self.noise[slot])
         device = self.runner.device
@@ -213,7 +214,7 @@ class Runtime:
         self.hop_ms.append((done - started) / 1e6)
         self.counts["hops"] += 1
         streams = {slot: stream for stream, slot in self.slots.items()}
-        for slot, hop in hops.items():
+        for slot, (hop, complete) in hops.items():
             stream, inputs = streams[slot], self.inputs[slot]
             # sample 0 of hop 0 is media time -vae_hop (the decoder's one-hop lag)
             t_ns = inputs.origin_ns + int(round((hop * g.samples - g.vae_hop) * 1e9 / self.sample_rate))
@@ -224,7 +225,8 @@ class Runtime:
             self.seq[slot] += 1
             for sink in self.sinks:
                 sink(stream, t_ns, pcm)
-            self.latency_ms.append((self.clock() - self.last_arrival[slot]) / 1e6)
+            if complete:  # concealed hops did not wait for a frame
+                self.latency_ms.append((self.clock() - self.last_arrival[slot]) / 1e6)
 
     # ----------------------------------------------------------------------------------- loop
     def poll_once(self, max_wait_ms: float = 50.0) -> None:

@@ -115,3 +115,29 @@ def test_dropped_frames_and_malformed_messages_are_concealed_and_counted(live):
     assert stats["rejected_total"] == 200
     s = stats["streams"]["1"]
     assert s["held_frames"] + s["null_frames"] >= len(drop) - 2  # the last ones may still be pending
+
+
+def test_stream_cli_plays_files_into_a_wav_and_stops_cleanly_on_sigterm(tiny_models, clip_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from export.steps import export_engine
+
+    export_engine(tmp_path / "engine", tiny_models["student"])
+    out = tmp_path / "live.wav"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"),
+                             "--backend", "onnxruntime", "--video", str(clip_dir), "--pose", str(clip_dir / "pose.jsonl"),
+                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    time.sleep(6.0)  # start-up, then about two seconds of the clip
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr.decode()
+    assert b"stopped:" in stdout
+    audio, rate = sf.read(out, always_2d=True)
+    assert rate == 16000 and audio.shape[1] == 2 and len(audio) >= 16000  # at least a second came out
+    assert len(audio) % 1280 == 0  # whole hops, nothing torn

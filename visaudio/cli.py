@@ -195,6 +195,86 @@ def cmd_bench_engine(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    import signal
+    import threading
+    import time
+
+    from engine.backends import EngineError, best_backend, open_engine
+    from realtime.io import WavSink, play_camera, play_pose, play_video
+    from realtime.runtime import Runtime, RuntimeConfig
+
+    _threads(args)
+    try:
+        backend = args.backend
+        if backend == "auto":
+            backend, timings = best_backend(args.engine, args.threads)
+            print("backend auto: " + ", ".join(f"{b} {t * 1e3:.1f} ms/hop" for b, t in timings.items()) + f" -> {backend}")
+        runner = open_engine(args.engine, backend, args.threads)
+    except (EngineError, ValueError) as exc:
+        return _fail(str(exc))
+    sample_rate = runner.manifest["rates"]["sample_rate"]
+    cfg = RuntimeConfig()
+    sinks = []
+    if args.out.startswith(("tcp://", "ipc://")):
+        cfg = RuntimeConfig(audio=args.out)
+    elif args.out == "headphones":
+        return _fail("--out headphones is not available yet: use a WAV file or a tcp:// endpoint")
+    else:
+        sinks.append(WavSink(args.out, sample_rate))
+    runtime = Runtime(runner, sample_rate, cfg, sinks)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    origin = time.monotonic_ns()
+    threads = []
+    if args.video not in ("zmq", None):
+        kind, _, device = args.video.partition(":")
+        target = (play_camera, device or "/dev/video0") if kind == "camera" else (play_video, args.video)
+        extra = () if kind == "camera" else (origin,)
+        threads.append(threading.Thread(target=target[0], args=(target[1], runtime.endpoints(), args.stream, stop, *extra),
+                                        daemon=True))
+    if args.pose not in ("zmq", None):
+        threads.append(threading.Thread(target=play_pose, args=(args.pose, runtime.endpoints(), args.stream, stop, origin),
+                                        daemon=True))
+    for t in threads:
+        t.start()
+    ends = time.monotonic() + args.seconds if args.seconds else float("inf")
+    next_report = time.monotonic() + 1.0
+    print(f"streaming on {backend}: frames {cfg.frames}, pose {cfg.pose}, control {cfg.control}, audio {cfg.audio}"
+          f"{'' if not sinks else ' + ' + args.out}  (Ctrl-C stops)")
+
+    def should_stop() -> bool:  # also prints the live stats once a second
+        nonlocal next_report
+        now = time.monotonic()
+        if now >= next_report and not args.quiet:
+            next_report = now + 1.0
+            print("\r" + _live_line(runtime.stats()), end="", flush=True)
+        return stop.is_set() or now >= ends
+
+    try:
+        runtime.run(should_stop)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=2)
+        for sink in sinks:
+            sink.close()
+        stats = runtime.stats()
+        runtime.close()
+    print("\nstopped: " + _live_line(stats))
+    return 0
+
+
+def _live_line(stats: dict) -> str:
+    hop, lat = stats["hop_ms"], stats["frame_to_audio_ms"]
+    concealed = sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values())
+    return (f"{stats['counts'].get('hops', 0)} hops, {len(stats['streams'])} stream(s)"
+            + (f", hop p50 {hop['p50']:.1f} p99 {hop['p99']:.1f} ms" if hop else "")
+            + (f", frame-to-audio p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} ms" if lat else "")
+            + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -428,6 +508,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime (default 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_engine)
+
+    p = sub.add_parser("stream", help="the live runtime: video and head pose in (ZeroMQ, a file or a camera), "
+                                      "binaural audio out (a WAV file or a ZeroMQ PUB endpoint)",
+                       description="Runs the streaming runtime on an exported engine (docs/PROTOCOL.md). Producers "
+                                   "connect to the frames/pose endpoints; audio is published on the audio endpoint "
+                                   "(or --out tcp://...). SIGINT/SIGTERM stop it cleanly.")
+    p.add_argument("--engine", required=True, help="engine folder from `visaudio export`")
+    p.add_argument("--backend", default="auto", help="auto, torch, torch-eager, onnxruntime or tensorrt")
+    p.add_argument("--video", default="zmq", help="zmq (producers publish), a video file, or camera[:DEVICE]")
+    p.add_argument("--pose", default="zmq", help="zmq, or a pose.jsonl file played at its timestamps")
+    p.add_argument("--out", default="tcp://127.0.0.1:5563", help="FILE.wav or a tcp:// PUB endpoint")
+    p.add_argument("--stream", type=int, default=0, help="stream id for file and camera sources")
+    p.add_argument("--seconds", type=float, help="stop after this long")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true", help="no live stats line")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("export", help="export a checkpoint as a few-step streaming engine: static ONNX graphs "
                                       "+ manifest (TensorRT plans are built from them on first use on a GPU)",
