@@ -4,7 +4,12 @@ import os
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
+import queue  # noqa: E402
+import threading  # noqa: E402
+
 import pytest  # noqa: E402
+
+from realtime.runtime import Runtime, RuntimeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,35 @@ def tiny_models(tmp_path_factory):
                                              pool_batch=4, teacher_steps=5, steps=3, batch=4),
                                root / "student", progress=False)
     return paths
+
+
+# every runtime socket on a free loopback port; a generous wait, so a slow test machine never conceals
+LOCAL_RUNTIME = RuntimeConfig(frames="tcp://127.0.0.1:*", pose="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                              audio="tcp://127.0.0.1:*", max_wait_ms=150.0)
+
+
+@pytest.fixture
+def live(tiny_models):
+    """A runtime (tiny student, torch backend, 2 stream slots) polling in a thread; yields its endpoints."""
+    import torch
+
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+
+    torch.set_num_threads(1)
+    model, _ = load_model(tiny_models["student"])
+    ready, stop = queue.Queue(), threading.Event()
+
+    def serve():
+        runtime = Runtime(StreamGenerator(model, 4, 2), model.vae.cfg.sample_rate, LOCAL_RUNTIME)
+        ready.put(runtime.endpoints())
+        try:
+            runtime.run(stop.is_set)
+        finally:
+            runtime.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield ready.get(timeout=30), model
+    stop.set()
+    thread.join(timeout=10)

@@ -1,42 +1,9 @@
 """The live runtime over real ZeroMQ sockets: live output equals offline rendering, faults are survived."""
-import queue
-import threading
 import time
 
 import numpy as np
-import pytest
-import torch
 
-from realtime.runtime import Runtime, RuntimeConfig
-
-LOCAL = RuntimeConfig(frames="tcp://127.0.0.1:*", pose="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                      audio="tcp://127.0.0.1:*", max_wait_ms=150.0)
-
-
-@pytest.fixture
-def live(tiny_models):
-    """A runtime (tiny student, torch backend, 2 stream slots) polling in a thread; yields its endpoints."""
-    from engine.hop import StreamGenerator
-    from engine.model import load_model
-
-    torch.set_num_threads(1)
-    model, _ = load_model(tiny_models["student"])
-    ready, stop = queue.Queue(), threading.Event()
-
-    def serve():
-        runtime = Runtime(StreamGenerator(model, 4, 2), model.vae.cfg.sample_rate, LOCAL)
-        ready.put(runtime.endpoints())
-        try:
-            runtime.run(stop.is_set)
-        finally:
-            runtime.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield ready.get(timeout=30), model
-    stop.set()
-    thread.join(timeout=10)
-
+from conftest import LOCAL_RUNTIME as LOCAL
 
 def _clip(seconds=1.2, seed=0):
     rng = np.random.default_rng(seed)
