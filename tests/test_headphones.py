@@ -68,3 +68,14 @@ def test_resampler_blocks_join_seamlessly_and_track_a_tone():
     count = sum(len(faster.process(x[i:i + 1280], 3.0 * 1.005)) for i in range(0, 16000, 1280))
     assert abs(count - 48000 * 1.005) <= 2
 
+
+
+def test_stream_cli_to_headphones(jack, tiny_models, clip_dir, tmp_path):
+    from export.steps import export_engine
+
+    export_engine(tmp_path / "engine", tiny_models["student"])
+    done = subprocess.run([sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"),
+                           "--backend", "onnxruntime", "--video", str(clip_dir), "--pose", str(clip_dir / "pose.jsonl"),
+                           "--out", "headphones", "--seconds", "4", "--quiet"], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped:" in done.stdout and "underflows 0" in done.stdout

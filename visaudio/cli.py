@@ -219,7 +219,15 @@ def cmd_stream(args) -> int:
     if args.out.startswith(("tcp://", "ipc://")):
         cfg = RuntimeConfig(audio=args.out)
     elif args.out == "headphones":
-        return _fail("--out headphones is not available yet: use a WAV file or a tcp:// endpoint")
+        from realtime.audio import HeadphoneSink
+
+        try:
+            # a hop lands once its last frame is in (or its deadline passed): buffer one hop, the wait
+            # for late frames and 20 ms of scheduling jitter
+            target = runner.g.samples / sample_rate * 1e3 + cfg.max_wait_ms + 20.0
+            sinks.append(HeadphoneSink(sample_rate, args.stream, target_ms=target))
+        except (OSError, ValueError) as exc:  # no PortAudio or no output device
+            return _fail(f"headphones: {exc}")
     else:
         sinks.append(WavSink(args.out, sample_rate))
     runtime = Runtime(runner, sample_rate, cfg, sinks)
@@ -258,9 +266,11 @@ def cmd_stream(args) -> int:
         stop.set()
         for t in threads:
             t.join(timeout=2)
-        for sink in sinks:
-            sink.close()
         stats = runtime.stats()
+        for sink in sinks:
+            if hasattr(sink, "stats"):
+                stats["output"] = sink.stats()
+            sink.close()
         runtime.close()
     print("\nstopped: " + _live_line(stats))
     return 0
@@ -272,7 +282,8 @@ def _live_line(stats: dict) -> str:
     return (f"{stats['counts'].get('hops', 0)} hops, {len(stats['streams'])} stream(s)"
             + (f", hop p50 {hop['p50']:.1f} p99 {hop['p99']:.1f} ms" if hop else "")
             + (f", frame-to-audio p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} ms" if lat else "")
-            + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}")
+            + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}"
+            + (f", underflows {stats['output']['underflows']}" if "output" in stats else ""))
 
 
 def _cpu_name() -> str:
@@ -518,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto, torch, torch-eager, onnxruntime or tensorrt")
     p.add_argument("--video", default="zmq", help="zmq (producers publish), a video file, or camera[:DEVICE]")
     p.add_argument("--pose", default="zmq", help="zmq, or a pose.jsonl file played at its timestamps")
-    p.add_argument("--out", default="tcp://127.0.0.1:5563", help="FILE.wav or a tcp:// PUB endpoint")
+    p.add_argument("--out", default="tcp://127.0.0.1:5563",
+                   help="headphones (the default PortAudio output), FILE.wav, or a tcp:// PUB endpoint")
     p.add_argument("--stream", type=int, default=0, help="stream id for file and camera sources")
     p.add_argument("--seconds", type=float, help="stop after this long")
     p.add_argument("--threads", type=int, default=1)
