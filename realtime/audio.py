@@ -35,15 +35,20 @@ class Resampler:
         t = self.position + np.arange(max(0, int(np.ceil((last + 1 - self.position) / step)) + 1)) * step
         t = t[np.floor(t) <= last]
         count = len(t)
-        base = np.floor(t).astype(int)
-        idx = base[:, None] + np.arange(-self.half + 1, self.half + 1)[None, :]
-        dist = t[:, None] - idx
-        cutoff = min(1.0, ratio)  # downsampling: the kernel also removes what the output cannot carry
-        weights = cutoff * np.sinc(cutoff * dist) * _kaiser(dist / self.half, self.beta)
-        out = np.einsum("nk,nkc->nc", weights, x[idx])
+        # downsampling: the kernel's cutoff also removes what the output cannot carry
+        out = sinc_read(x, t, self.half, self.beta, cutoff=min(1.0, ratio))
         self.position += count * step - len(block)
         self.history = x[-2 * self.half:]
-        return out.astype(np.float32)
+        return out
+
+
+def sinc_read(x: np.ndarray, t: np.ndarray, half: int, beta: float = 8.0, cutoff: float = 1.0) -> np.ndarray:
+    """Band-limited values of x (n, channels) at fractional sample positions t (m,): Kaiser-windowed sinc
+    over the `half` samples on each side (the caller keeps half samples of margin)."""
+    idx = np.floor(t).astype(int)[:, None] + np.arange(-half + 1, half + 1)[None, :]
+    dist = t[:, None] - idx
+    weights = cutoff * np.sinc(cutoff * dist) * _kaiser(dist / half, beta)
+    return np.einsum("nk,nkc->nc", weights, x[idx]).astype(np.float32)
 
 
 def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import signal
 
-from engine.geometry import lateral_angle, woodworth_lateral
+from engine.geometry import HEAD_RADIUS, lateral_angle, woodworth_lateral
 
 # Woodworth's model describes the high-frequency (onset) ITD; GCC-PHAT below 1.5 kHz measures a larger,
 # low-frequency ITD (Kuhn 1977). The effective radius below maps our low-band ITD to lateral angle; it
 # was fitted on the shipped AXD subject-1 HRTF (tests/test_metrics.py::test_head_radius_fits_hrtf).
-HEAD_RADIUS = 0.102  # m, least-squares fit over lateral angles; DESIGN.md's 0.0875 m describes onset ITDs
 MAX_ITD = 1e-3  # s: GCC-PHAT lag search range
 ITD_BAND_HZ = 1500.0
 FRAME_SECONDS, HOP_SECONDS = 0.064, 0.02
