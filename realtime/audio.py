@@ -9,6 +9,10 @@ gain, capped at +-0.5% (NetEq's accelerate/decelerate), so the latency stays at 
 """
 from __future__ import annotations
 
+import threading
+import time as _time
+from collections import deque
+
 import numpy as np
 
 from realtime.ring import AudioRing
@@ -58,46 +62,146 @@ def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
 
 
 class HeadphoneSink:
-    """One stream's audio to a PortAudio output device (sounddevice) through the ring.
+    """One stream's audio to a PortAudio output device (sounddevice), corrected late for head rotation.
 
-    Playback starts once `target_ms` of audio is buffered; from then on the resampling ratio leans
-    toward keeping that fill (drift correction, capped at MAX_DRIFT_CORRECTION)."""
+    Hops from the runtime queue up as they are generated (with the yaw each was generated for). A feeder
+    thread moves 5 ms blocks from that queue into the device ring, which it keeps `device_ms` full:
+    each block is re-spatialised for the newest head yaw (LateRotation), resampled to the device rate
+    and written. So a head turn reaches the ears in about device_ms + the device's own buffer, not a
+    whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived (the slack
+    for a later hop to arrive late); the buffered amount then settles at a level that drift correction
+    holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). The
+    device callback only copies from the ring."""
 
-    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, target_ms: float = 40.0,
-                 capacity_seconds: float = 2.0, gain: float = 0.02):
+    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 30.0,
+                 device_ms: float = 20.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
+                 capture_seconds: float = 0.0, settle_seconds: float = 2.0):
         import sounddevice as sd
 
+        from realtime.reproject import LateRotation
+
         info = sd.query_devices(device, "output")
-        self.device_rate = int(info["default_samplerate"])
-        self.stream_id, self.gain = stream, gain
-        self.ratio = self.device_rate / sample_rate
-        self.target = int(target_ms / 1e3 * self.device_rate)
+        self.sample_rate, self.device_rate = sample_rate, int(info["default_samplerate"])
+        self.stream_id, self.ratio = stream, self.device_rate / sample_rate
+        self.margin, self.settle = margin_ms / 1e3, settle_seconds
+        self.first_audio: float | None = None  # monotonic time the first hop arrived
+        self.started_at: float | None = None
+        self.level_sum = self.level_count = 0.0
+        self.target: float | None = None  # seconds buffered in all (queue + ring) that drift correction holds
+        self.device_target = int(device_ms / 1e3 * self.device_rate)
         self.ring = AudioRing(int(capacity_seconds * self.device_rate))
         self.resampler = Resampler()
-        self.correction = 0.0
+        self.rotation = LateRotation(sample_rate) if late_rotation else None
+        self.block = sample_rate // 200
+        self.queue: deque = deque()  # (pcm (n, 2), generation yaw (n,) or None), appended by the runtime
+        self.head: tuple | None = None  # the block being consumed, and how far
+        self.queued = 0  # samples appended (runtime thread)
+        self.taken = 0  # samples taken (feeder thread)
+        self.yaw_now: float | None = None
+        self.correction = self.error = 0.0
+        # what the device played and when (PortAudio's DAC time of each callback's first sample), for
+        # `visaudio bench latency`; preallocated, so the callback still only copies
+        self.capture = np.zeros((int(capture_seconds * self.device_rate), 2), np.float32)
+        self.capture_times = np.zeros(len(self.capture) // max(blocksize, 1) + 1)
+        self.captured = self.callbacks = 0
         self.output = sd.OutputStream(samplerate=self.device_rate, blocksize=blocksize, channels=2, dtype="float32",
                                       device=device, callback=self._callback)
         self.playing = False
+        self.stopping = threading.Event()
+        self.feeder = threading.Thread(target=self._feed_loop, name="headphones-feeder", daemon=True)
+        self.feeder.start()
 
     def _callback(self, outdata, frames, time, status) -> None:  # the audio thread: copy only
         self.ring.read_into(outdata)
+        if self.captured + frames <= len(self.capture) and self.callbacks < len(self.capture_times):
+            self.capture[self.captured:self.captured + frames] = outdata
+            self.capture_times[self.callbacks] = time.outputBufferDacTime
+            self.captured += frames
+            self.callbacks += 1
 
-    def __call__(self, stream: int, t_ns: int, pcm: np.ndarray) -> None:
+    def __call__(self, stream: int, t_ns: int, pcm: np.ndarray, yaw: np.ndarray | None = None) -> None:
         if stream != self.stream_id:
             return
-        if self.playing:  # fuller than the target: the device is slower than the producer, shrink the output
-            error = (self.ring.available - self.target) / max(self.target, 1)
-            self.correction = float(np.clip(-self.gain * error, -MAX_DRIFT_CORRECTION, MAX_DRIFT_CORRECTION))
-        self.ring.write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
-        if not self.playing and self.ring.available >= self.target:
+        per_sample = None
+        if yaw is not None:  # latent j of the hop is centred at sample (j + 1) * vae_hop of this output
+            centres = (np.arange(len(yaw)) + 1) * (len(pcm) / len(yaw))
+            per_sample = np.interp(np.arange(len(pcm)), centres, yaw)
+        self.queue.append((pcm, per_sample))
+        self.queued += len(pcm)
+        if self.first_audio is None:
+            self.first_audio = _time.monotonic()
+
+    def on_pose(self, stream: int, yaw: float) -> None:
+        if stream == self.stream_id:
+            self.yaw_now = float(yaw)
+
+    def _take(self, n: int):
+        if self.queued - self.taken < n:
+            return None
+        pcm, yaw, parts, need = [], [], 0, n
+        while need:
+            if self.head is None:
+                self.head = (*self.queue.popleft(), 0)
+            block, block_yaw, at = self.head
+            k = min(need, len(block) - at)
+            pcm.append(block[at:at + k])
+            yaw.append(None if block_yaw is None else block_yaw[at:at + k])
+            self.head = (block, block_yaw, at + k) if at + k < len(block) else None
+            need -= k
+        self.taken += n
+        yaws = None if any(y is None for y in yaw) else np.concatenate(yaw)
+        return np.concatenate(pcm), yaws
+
+    def feed(self) -> None:
+        """Top the device ring up to device_ms, 5 ms at a time (the feeder thread calls this)."""
+        while self.ring.available < self.device_target:
+            taken = self._take(self.block)
+            if taken is None:
+                break
+            pcm, yaw = taken
+            if self.rotation is not None:
+                change = 0.0 if yaw is None or self.yaw_now is None else \
+                    (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0
+                pcm = self.rotation.process(pcm, change)
+            self._hold_level()
+            self.ring.write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
+        if not self.playing and self.first_audio is not None and self.ring.available >= self.device_target and \
+                _time.monotonic() >= self.first_audio + self.margin:
             self.output.start()
-            self.playing = True
+            self.playing, self.started_at = True, _time.monotonic()
+
+    def _hold_level(self) -> None:
+        """Drift correction: lean the resampling ratio toward the buffered level playback settled at."""
+        if not self.playing:
+            return
+        buffered = self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate
+        if self.target is None:
+            self.level_sum, self.level_count = self.level_sum + buffered, self.level_count + 1
+            if _time.monotonic() >= self.started_at + self.settle:
+                self.target = self.level_sum / self.level_count
+            return
+        self.error += 0.0025 * ((buffered - self.target) / self.target - self.error)  # ~2 s average
+        # fuller than the level: the device is slower than the producer, so shrink the output a little
+        self.correction = float(np.clip(-0.05 * self.error, -MAX_DRIFT_CORRECTION, MAX_DRIFT_CORRECTION))
+
+    def _feed_loop(self) -> None:
+        while not self.stopping.wait(0.0025):
+            self.feed()
+
+    def slack(self) -> float | None:
+        """Seconds of audio buffered (queue + ring) before the device runs dry; None before playback."""
+        if not self.playing:
+            return None
+        return self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate
 
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.available / self.device_rate * 1e3,
-                "underflows": self.ring.underflows, "missing_samples": self.ring.missing,
-                "overflows": self.ring.overflows, "drift_correction": self.correction}
+                "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.ring.underflows,
+                "missing_samples": self.ring.missing, "overflows": self.ring.overflows,
+                "drift_correction": self.correction}
 
     def close(self) -> None:
+        self.stopping.set()
+        self.feeder.join(timeout=1)
         self.output.stop()
         self.output.close()

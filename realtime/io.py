@@ -75,7 +75,7 @@ class WavSink:
     def __init__(self, path: str | Path, sample_rate: int):
         self.path, self.sample_rate, self.files = Path(path), sample_rate, {}
 
-    def __call__(self, stream: int, t_ns: int, pcm: np.ndarray) -> None:
+    def __call__(self, stream: int, t_ns: int, pcm: np.ndarray, yaw=None) -> None:
         import soundfile as sf
 
         if stream not in self.files:

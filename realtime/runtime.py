@@ -28,7 +28,10 @@ from engine.hop import HopRunner
 from engine.inputs import StreamInputs
 from realtime.protocol import ProtocolError, decode_control, decode_frame, decode_pose, encode_audio
 
-Sink = Callable[[int, int, np.ndarray], None]  # (stream, t_ns of the first sample, pcm (n, 2) float32)
+# (stream, t_ns of the first sample, pcm (n, 2) float32, the hop's head yaw per latent or None); a sink
+# may also have on_pose(stream, yaw) (called with every pose received) and close()
+CLOCK_SAFETY_SECONDS = 0.010  # a hop forced by the output clock completes this long before the output runs dry
+Sink = Callable[[int, int, np.ndarray, np.ndarray | None], None]
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class RuntimeConfig(JsonConfig):
     control: str = "tcp://127.0.0.1:5562"  # REP: start, stop, reset, stats, config
     audio: str = "tcp://127.0.0.1:5563"  # PUB: [topic, header, pcm] per stream and hop
     seed: int = 0  # stream s draws its noise from seed + s (same samples as `visaudio render --seed`)
-    max_wait_ms: float = 30.0  # a hop waits this long past its media end for late frames, then conceals
+    max_wait_ms: float = 20.0  # a hop waits this long past its media end for late frames, then conceals
     hold_seconds: float = 0.5  # a missing frame is replaced by the newest one at most this old, else null
     predict_ms: float = 60.0  # head pose extrapolated at most this far past the newest pose
     restart_seconds: float = 2.0  # frames this far behind their stream's timeline restart it
@@ -139,6 +142,9 @@ class Runtime:
             self.inputs[slot].add_pose(msg.t_ns, msg.ypr)
             self.last_arrival[slot] = self.clock()
             self.counts["poses"] += 1
+            for sink in self.sinks:
+                if hasattr(sink, "on_pose"):
+                    sink.on_pose(msg.stream, msg.ypr[0])
 
     def _on_control(self, parts) -> dict:
         try:
@@ -183,12 +189,22 @@ class Runtime:
         return inputs.origin_ns + offset + media_end_ns + self.cfg.max_wait_ms * 1e6
 
     def next_due(self) -> float | None:
-        """Local time (ns) at which the next hop must run, or None without active streams; -inf = now."""
+        """Local time (ns) at which the next hop must run, or None without active streams; -inf = now.
+
+        A hop runs as soon as every active stream has its inputs. Otherwise it waits for late frames
+        until its deadline: with a clocked output (a sink with `slack()`, the headphones) the audio
+        clock is the master, so the last moment the hop can still be computed before the output runs
+        dry; without one, the hop's media end on the local clock + max_wait_ms."""
         active = [i for i, s in enumerate(self.inputs) if s is not None and s.origin_ns is not None]
         if not active:
             return None
         if all(self.inputs[i].complete(self.inputs[i].next_hop) for i in active):
             return -np.inf
+        slack = [s.slack() for s in self.sinks if hasattr(s, "slack")]
+        slack = [x for x in slack if x is not None]
+        if slack:
+            compute = np.percentile(self.hop_ms, 95) if len(self.hop_ms) >= 10 else 3 * self.hop_seconds * 1e3 / 4
+            return self.clock() + (min(slack) - compute / 1e3 - CLOCK_SAFETY_SECONDS) * 1e9
         return min(self._deadline(i) for i in active)
 
     def run_hop(self) -> None:
@@ -213,6 +229,8 @@ class Runtime:
         done = self.clock()
         self.hop_ms.append((done - started) / 1e6)
         self.counts["hops"] += 1
+        if done - started > self.hop_seconds * 1e9:  # slower than real time: the output will fall behind
+            self.counts["deadline misses"] += 1
         streams = {slot: stream for stream, slot in self.slots.items()}
         for slot, (hop, complete) in hops.items():
             stream, inputs = streams[slot], self.inputs[slot]
@@ -223,8 +241,9 @@ class Runtime:
                                                   *encode_audio(stream, self.seq[slot], t_ns, self.sample_rate, pcm)],
                                                  copy=False)
             self.seq[slot] += 1
+            yaw = pose[slot, :, 0] if pose_present[slot].any() else None
             for sink in self.sinks:
-                sink(stream, t_ns, pcm)
+                sink(stream, t_ns, pcm, yaw)
             if complete:  # concealed hops did not wait for a frame
                 self.latency_ms.append((self.clock() - self.last_arrival[slot]) / 1e6)
 

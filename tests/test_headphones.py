@@ -79,3 +79,17 @@ def test_stream_cli_to_headphones(jack, tiny_models, clip_dir, tmp_path):
                            "--out", "headphones", "--seconds", "4", "--quiet"], capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped:" in done.stdout and "underflows 0" in done.stdout
+
+
+def test_bench_latency_measures_at_the_device(jack, tiny_models, tmp_path):
+    from export.steps import export_engine
+
+    export_engine(tmp_path / "engine", tiny_models["student"])
+    done = subprocess.run([sys.executable, "-m", "visaudio.cli", "bench", "latency", "--engine", str(tmp_path / "engine"),
+                           "--seconds", "4", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["yaw_steps"] >= 2 and report["motion_to_sound_ms"]["n"] >= 1
+    assert 0 < report["motion_to_sound_ms"]["p50"] < 500
+    assert 40 < report["video_to_sound_ms"]["p50"] < 1000  # at least a hop + the decoder lag
+    assert report["underflows"] == 0 and report["hops"] > 30

@@ -222,10 +222,8 @@ def cmd_stream(args) -> int:
         from realtime.audio import HeadphoneSink
 
         try:
-            # a hop lands once its last frame is in (or its deadline passed): buffer one hop, the wait
-            # for late frames and 20 ms of scheduling jitter
-            target = runner.g.samples / sample_rate * 1e3 + cfg.max_wait_ms + 20.0
-            sinks.append(HeadphoneSink(sample_rate, args.stream, target_ms=target))
+            # playback waits for the first hop plus the longest a hop may wait for late frames + jitter
+            sinks.append(HeadphoneSink(sample_rate, args.stream, margin_ms=cfg.max_wait_ms + 15.0))
         except (OSError, ValueError) as exc:  # no PortAudio or no output device
             return _fail(f"headphones: {exc}")
     else:
@@ -284,6 +282,40 @@ def _live_line(stats: dict) -> str:
             + (f", frame-to-audio p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} ms" if lat else "")
             + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}"
             + (f", underflows {stats['output']['underflows']}" if "output" in stats else ""))
+
+
+def cmd_bench_latency(args) -> int:
+    import tempfile
+
+    from engine.backends import EngineError
+    from export.steps import export_engine
+    from realtime.bench import bench_latency
+
+    _threads(args)
+    seconds = args.minutes * 60 if args.minutes else args.seconds
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = args.engine
+            if engine is None:
+                engine = tmp
+                export_engine(tmp, hop=args.hop, batch=args.streams)
+            report = bench_latency(engine, seconds, args.backend, args.threads, streams=args.streams,
+                                   progress=not args.json)
+    except (EngineError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    report["cpu"] = _cpu_name()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    fmt = lambda p: "n/a" if p is None else f"p50 {p['p50']:.1f}  p95 {p['p95']:.1f}  p99 {p['p99']:.1f} ms"  # noqa: E731
+    print(f"{report['cpu']}, {report['backend']}, {report['threads']} thread(s), hop {report['hop_ms']:g} ms, "
+          f"{report['streams']} stream(s), {report['seconds']:g} s")
+    print(f"motion-to-sound ({report['yaw_steps']} yaw steps): {fmt(report['motion_to_sound_ms'])}")
+    print(f"video-to-sound: {fmt(report['video_to_sound_ms'])}")
+    print(f"hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} deadline "
+          f"misses, {report['underflows']} underflows, {report['concealed_frames']} concealed frames; RSS "
+          f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB ({report['rss_mb']['growth_percent']:+.1f}%)")
+    return 0
 
 
 def _cpu_name() -> str:
@@ -519,6 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime (default 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_engine)
+
+    p = bench.add_parser("latency", help="motion-to-sound and video-to-sound latency at the sound card, and soaks",
+                         description="Plays a rendered scene into the runtime in real time while the head yaw "
+                                     "steps, through the default PortAudio output device (a JACK dummy server "
+                                     "works), recording what the device played (realtime/bench.py).")
+    p.add_argument("--engine", help="engine folder (default: the shipped model exported at --hop)")
+    p.add_argument("--hop", type=int, default=4, help="latents per hop when exporting (default 4 = 80 ms)")
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--minutes", type=float, help="soak for this long instead")
+    p.add_argument("--streams", type=int, default=1, help="live streams at once (the engine's batch)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_latency)
 
     p = sub.add_parser("stream", help="the live runtime: video and head pose in (ZeroMQ, a file or a camera), "
                                       "binaural audio out (a WAV file or a ZeroMQ PUB endpoint)",

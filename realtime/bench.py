@@ -1,0 +1,161 @@
+"""`visaudio bench latency`: the whole live path, measured at the sound card's output.
+
+A producer thread plays a rendered scene into the runtime over ZeroMQ in real time (frames at 25 fps,
+head pose at 100 Hz) while the head yaw steps between 0 and `step_deg` every `step_seconds`. The
+runtime (an exported engine) feeds a HeadphoneSink on the default PortAudio device, which records
+what the device played and the DAC time of every callback. From that recording:
+
+* motion-to-sound: from sending a yaw step to the moment the played audio's lateral angle (GCC-PHAT
+  over 10 ms windows) has made half of the change the step implies;
+* video-to-sound: from sending a frame to the DAC time of the audio sample at that frame's media time
+  (the transport delay every visible event's sound goes through, whatever the model makes of it).
+
+`--minutes N` soaks: RSS growth, underruns, hops, deadline misses (hops whose compute ran past the
+next hop's due time) and concealments over N minutes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import numpy as np
+
+from engine.bench import percentiles
+from realtime.runtime import Runtime, RuntimeConfig
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxruntime", threads: int = 1,
+                  step_deg: float = 30.0, step_seconds: float = 1.0, streams: int = 1, progress: bool = True,
+                  device_ms: float = 20.0) -> dict:
+    from engine.backends import open_engine
+    from realtime.audio import HeadphoneSink
+    from realtime.client import Client
+    from realtime.reproject import LateRotation
+    from training.render import render_scene
+    from training.sampler import random_scene
+    from training.scene_spec import parse_scene
+
+    runner = open_engine(engine_dir, backend, threads)
+    if runner.g.batch < streams:
+        raise ValueError(f"{streams} streams need an engine exported with --batch >= {streams}")
+    sample_rate = runner.manifest["rates"]["sample_rate"]
+    cfg = RuntimeConfig(**{k: "tcp://127.0.0.1:*" for k in ("frames", "pose", "control", "audio")})
+    hop_ms = runner.g.samples / sample_rate * 1e3
+    sink = HeadphoneSink(sample_rate, 0, margin_ms=cfg.max_wait_ms + 15.0, device_ms=device_ms,
+                         capture_seconds=seconds + 5)
+    runtime = Runtime(runner, sample_rate, cfg, [sink])
+    endpoints = runtime.endpoints()
+    scene = render_scene(parse_scene(random_scene(4242, duration=min(seconds, 8.0), num_sources=1)))
+    stop = threading.Event()
+    sent_frames: list[tuple[float, float]] = []  # (media time, send time on the device clock)
+    steps: list[tuple[float, float, float]] = []  # (send time on the device clock, yaw before, yaw after)
+    rss = []
+
+    def produce(stream: int):
+        with Client(stream, endpoints, subscribe=False) as client:
+            start, k, yaw = time.monotonic(), 0, 0.0
+            while not stop.is_set() and k * 0.01 < seconds:
+                now_target = start + k * 0.01  # 100 Hz pose, frames on every 4th tick
+                delay = now_target - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                t_ns = int(round(k * 0.01 * 1e9))
+                new_yaw = step_deg if int(k * 0.01 / step_seconds) % 2 else 0.0
+                if stream == 0 and new_yaw != yaw and sink.playing:
+                    steps.append((sink.output.time, yaw, new_yaw))
+                yaw = new_yaw
+                client.send_pose((yaw, 0.0, 0.0), t_ns)
+                if k % 4 == 0:
+                    frame = scene.frames[(k // 4) % len(scene.frames)]
+                    if stream == 0:
+                        sent_frames.append((k * 0.01, sink.output.time if sink.playing else math.nan))
+                    client.send_frame(frame, t_ns)
+                k += 1
+
+    producers = [threading.Thread(target=produce, args=(s,), daemon=True) for s in range(streams)]
+    rss.append(_rss_mb())
+    for p in producers:
+        p.start()
+    started = time.monotonic()
+    next_rss = started + 10
+    underflow_times, seen = [], 0
+    try:
+        while any(p.is_alive() for p in producers):
+            runtime.poll_once(20.0)
+            if sink.ring.underflows > seen:
+                seen = sink.ring.underflows
+                underflow_times.append(time.monotonic() - started)
+            if time.monotonic() >= next_rss:
+                rss.append(_rss_mb())
+                next_rss += 10
+                if progress:
+                    print(f"\r{time.monotonic() - started:5.0f} s  RSS {rss[-1]:.0f} MB  "
+                          f"underflows {sink.ring.underflows}", end="", flush=True)
+        underflows = sink.ring.underflows  # (after this the producer is gone and the queue drains)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        stats = runtime.stats()
+        out = sink.stats()
+        sink.close()
+        runtime.close()
+    if progress:
+        print()
+    rate, block = sink.device_rate, 256
+    audio = sink.capture[:sink.captured]
+    dac = sink.capture_times[:sink.callbacks]
+
+    def sample_time(i: np.ndarray) -> np.ndarray:
+        return dac[np.minimum(i // block, len(dac) - 1)] + (i % block) / rate
+
+    # the played audio's lateral angle over time (10 ms windows every 2.5 ms)
+    probe = LateRotation(rate, analysis=512)
+    centres = np.arange(512, len(audio), rate // 400)
+    lateral = np.array([probe.measure_lateral(audio[c - 512:c].astype(np.float64)) for c in centres])
+    lateral_t = sample_time(centres - 256)
+    motion = []
+    for sent, before, after in steps:
+        was = lateral[(lateral_t > sent - 0.15) & (lateral_t < sent - 0.01)]
+        if len(was) < 5:
+            continue
+        theta = float(np.median(was))
+        goal = math.degrees(math.asin(max(-1, min(1, math.sin(math.radians(theta - (after - before)))))))
+        half = (theta + goal) / 2
+        later = (lateral_t > sent) & (lateral_t < sent + 0.5)
+        crossed = np.nonzero(later & ((lateral - half) * np.sign(goal - theta) >= 0))[0]
+        if len(crossed):
+            motion.append((lateral_t[crossed[0]] - sent) * 1e3)
+    # video to sound: the device sample that played a frame's media time (model sample n is media time
+    # (n - vae_hop) / rate; late rotation and resampling add their fixed delays; the device played the
+    # ring from its first sample, which was the first model sample)
+    from realtime.audio import TAPS
+    from realtime.reproject import LateRotation as _LR
+
+    fixed = runner.g.vae_hop + _LR(sample_rate).base + TAPS // 2
+    video = []
+    for media, sent in sent_frames:
+        device_sample = int(round((media * sample_rate + fixed) * sink.ratio))
+        if not math.isnan(sent) and 0 <= device_sample < len(audio):
+            video.append((sample_time(np.array([device_sample]))[0] - sent) * 1e3)
+    return {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
+            "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),
+            "motion_to_sound_ms": percentiles(motion) if motion else None,
+            "video_to_sound_ms": percentiles(video) if video else None,
+            "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),
+            "deadline_misses": stats["counts"].get("deadline misses", 0),
+            "underflows": underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
+                                                        "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
+            "underflow_times_s": [float(t) for t in underflow_times],
+            "concealed_frames": sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values()),
+            "rejected": stats["rejected_total"]}
+
