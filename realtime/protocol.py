@@ -76,10 +76,10 @@ def _header(data, kind: str) -> dict:
     head = _map(data, kind)
     if head.get("v") != VERSION:
         raise ProtocolError(f"{kind}: protocol version {head.get('v')!r}, this runtime speaks {VERSION}")
-    for key, limit in (("stream", MAX_STREAM_ID), ("seq", 1 << 63), ("t_ns", 1 << 63)):
+    for key, low, high in (("stream", 0, MAX_STREAM_ID), ("seq", 0, 1 << 63), ("t_ns", -(1 << 63), 1 << 63)):
         value = head.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
-            raise ProtocolError(f"{kind}.{key}: must be an integer in [0, {limit}), got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+            raise ProtocolError(f"{kind}.{key}: must be an integer in [{low}, {high}), got {value!r}")
     return head
 
 

@@ -254,15 +254,16 @@ class Runtime:
             timeout = max_wait_ms
         else:
             timeout = min(max_wait_ms, max(0.0, (due - self.clock()) / 1e6))
-        events = dict(self.poller.poll(timeout))
-        if self.sockets["frames"] in events:
-            self._drain("frames", self._on_frame)
-        if self.sockets["pose"] in events:
-            self._drain("pose", self._on_pose)
-        if self.sockets["control"] in events:
-            self._serve_control()
+        self.poller.poll(timeout)
+        self._take_input()
         while (due := self.next_due()) is not None and due <= self.clock():
             self.run_hop()
+            self._take_input()  # what arrived meanwhile (after a stall: everything) before the next hop
+
+    def _take_input(self) -> None:
+        self._drain("frames", self._on_frame)
+        self._drain("pose", self._on_pose)
+        self._serve_control()
 
     def _serve_control(self) -> None:
         import msgpack
