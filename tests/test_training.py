@@ -90,6 +90,12 @@ def test_render_cli_writes_video_length_audio(tiny_models, clip_dir, tmp_path):
     assert main(["render", str(clip_dir / "clip.mp4"), "--out", str(mono), "--checkpoint", str(tiny_models["mono"])]) == 0
     audio, _ = sf.read(mono, always_2d=True)
     np.testing.assert_array_equal(audio[:, 0], audio[:, 1])
+    video = tmp_path / "out.mp4"  # the video with its generated binaural track
+    assert main(["render", str(clip_dir), "--out", str(video), "--checkpoint", str(tiny_models["student"])]) == 0
+    from training.clips import _decode_mp4
+
+    frames, fps, track = _decode_mp4(video, want_audio=True, sample_rate=16000)
+    assert frames.shape[0] == 50 and fps == 25 and track.shape[0] == 2 and abs(track.shape[1] - 32000) < 2048
 
 
 def test_render_cli_rejects_bad_inputs(tiny_models, clip_dir, tmp_path, capsys):

@@ -478,7 +478,12 @@ def cmd_render(args) -> int:
         audio = np.repeat(audio, 2, axis=0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(out, audio.T.astype(np.float32), sample_rate, subtype="FLOAT")
+    if out.suffix.lower() == ".mp4":  # the video with the generated binaural track (AAC)
+        from training.clips import write_mp4
+
+        write_mp4(out, frames, fps, audio.astype(np.float32), sample_rate)
+    else:
+        sf.write(out, audio.T.astype(np.float32), sample_rate, subtype="FLOAT")
     print(f"wrote {out}: {audio.shape[1] / sample_rate:.2f} s, 2 channels (0 = left ear)")
     return 0
 
@@ -680,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "multiple of 64.")
     p.add_argument("video")
     p.add_argument("--pose", help="pose.jsonl (docs/FORMATS.md); default: the clip folder's, else unknown")
-    p.add_argument("--out", required=True, help="output WAV (float32, 2 channels, 0 = left)")
+    p.add_argument("--out", required=True, help="OUT.wav (float32, 2 channels, 0 = left) or OUT.mp4 (the video "
+                                                "with the binaural track)")
     p.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
     p.add_argument("--engine", help="run an exported engine (visaudio export) instead of the checkpoint")
     p.add_argument("--backend", default="auto",
