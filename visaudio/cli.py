@@ -101,8 +101,9 @@ def cmd_show(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from engine.generate import generate
-    from engine.model import DEFAULT_CHECKPOINT, load_model
+    from engine.model import DEFAULT_CHECKPOINT
+    from export.steps import export_engine
+    from realtime.demo import run_live
     from training.render import RenderedScene, render_scene
     from training.scene_spec import load_scene
     from training.show import show_clip
@@ -116,13 +117,16 @@ def cmd_demo(args) -> int:
     print(f"picture: {png}")
     if not DEFAULT_CHECKPOINT.exists():
         return _fail(f"{DEFAULT_CHECKPOINT}: the shipped model is missing")
-    model, _ = load_model()
-    audio = generate(model, rendered.frames, spec.fps, rendered.pose, progress=True)
+    engine = export_engine(Path(args.out) / "engine").parent
+    print(f"live: a game-engine publisher plays the scene's frames and head pose over ZeroMQ into the runtime "
+          f"({spec.duration:g} s, real time)...")
+    audio, stats = run_live(engine, rendered.frames, rendered.pose, spec.fps, headphones=not args.no_headphones)
     generated = RenderedScene(spec, audio.astype("float32"), rendered.frames, rendered.pose, rendered.meta)
     gen_dir = generated.write(Path(args.out) / "generated")
     gen_png = show_clip(gen_dir, Path(args.out) / "generated.png")
-    print(f"the shipped {model.role} generated binaural audio from the video and head pose alone: "
-          f"{gen_dir}/clip.mp4 (picture: {gen_png})")
+    print(f"{'played on the headphones and ' if stats['headphones'] else ''}recorded: the shipped model's binaural "
+          f"audio from the video and head pose alone: {gen_dir}/clip.mp4 (picture: {gen_png})")
+    print("runtime: " + _live_line(stats))
     return 0
 
 
@@ -697,9 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("demo", help="the main job: render the demo scene, generate its binaural audio from video + "
-                                    "head pose with the shipped model, and show both")
+    p = sub.add_parser("demo", help="the main job: render the demo scene, play its video and head pose live "
+                                    "through the runtime (headphones when present), record and show both")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--no-headphones", action="store_true", help="record only, even with a sound card")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_demo)
     return parser
