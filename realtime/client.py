@@ -21,8 +21,17 @@ from realtime.runtime import RuntimeConfig
 
 class Client:
     def __init__(self, stream: int = 0, endpoints: RuntimeConfig = RuntimeConfig(), context: zmq.Context | None = None,
-                 hwm: int = 32, subscribe: bool = True):
+                 hwm: int = 32, subscribe: bool = True, curve_secret: str | None = None, curve_server: str | None = None):
+        """curve_secret: this client's secret certificate; curve_server: the runtime's public certificate
+        (both from `visaudio keys`), for a runtime that requires CURVE."""
         self.stream, self.ctx = stream, context or zmq.Context.instance()
+        self.curve = None
+        if curve_secret or curve_server:
+            from zmq.auth import load_certificate
+
+            public, secret = load_certificate(curve_secret)
+            server, _ = load_certificate(curve_server)
+            self.curve = (public, secret, server)
         self.frames = self._socket(zmq.PUSH, endpoints.frames, hwm)
         self.pose = self._socket(zmq.PUSH, endpoints.pose, 4 * hwm)
         self.audio = self._socket(zmq.SUB, endpoints.audio, 4 * hwm)
@@ -34,6 +43,8 @@ class Client:
 
     def _socket(self, kind: int, endpoint: str, hwm: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
+        if self.curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
         sock.connect(endpoint)

@@ -47,6 +47,10 @@ class RuntimeConfig(JsonConfig):
     restart_seconds: float = 2.0  # frames this far behind their stream's timeline restart it
     hwm: int = 64  # messages queued per socket before ZeroMQ drops (PUB) or blocks the sender (PUSH)
     max_message_bytes: int = 64 << 20  # a 4096 x 4096 rgb24 frame is 48 MiB
+    # CURVE (docs/PROTOCOL.md#security): the runtime's secret certificate and a folder of the public
+    # certificates of the clients allowed in (`visaudio keys`). Required to bind beyond loopback.
+    curve_secret: str = ""
+    curve_clients: str = ""
 
 
 class Runtime:
@@ -57,6 +61,13 @@ class Runtime:
         self.hop_seconds = self.g.samples / sample_rate
         self.sinks = list(sinks)
         self.ctx = context or zmq.Context.instance()
+        self.authenticator = self._secure() if cfg.curve_secret else None
+        for name in ("frames", "pose", "control", "audio"):
+            host = getattr(cfg, name).split("://", 1)[-1].rsplit(":", 1)[0]
+            if not cfg.curve_secret and host not in ("127.0.0.1", "localhost", "[::1]", "::1") \
+                    and not getattr(cfg, name).startswith(("ipc://", "inproc://")):
+                raise ValueError(f"{name} endpoint {getattr(cfg, name)} is not loopback: set curve_secret and "
+                                 f"curve_clients (visaudio keys) to accept remote peers")
         self.sockets = {name: self._socket(kind, getattr(cfg, name)) for name, kind in
                         (("frames", zmq.PULL), ("pose", zmq.PULL), ("control", zmq.REP), ("audio", zmq.PUB))}
         self.poller = zmq.Poller()
@@ -75,8 +86,25 @@ class Runtime:
         self.last_arrival: list[int] = [0] * self.g.batch
         self.started_ns = clock()
 
+    def _secure(self):
+        """A ZAP authenticator admitting only the clients whose public certificates are in curve_clients."""
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not self.cfg.curve_clients:
+            raise ValueError("curve_secret needs curve_clients: a folder of the allowed clients' public certificates")
+        self.curve_public, self.curve_secret = zmq.auth.load_certificate(self.cfg.curve_secret)
+        if self.curve_secret is None:
+            raise ValueError(f"{self.cfg.curve_secret}: not a secret certificate")
+        authenticator = ThreadAuthenticator(self.ctx)
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=self.cfg.curve_clients)
+        return authenticator
+
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
+        if self.authenticator is not None:
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_server = self.curve_secret, self.curve_public, True
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM if kind != zmq.PUB else zmq.SNDHWM, self.cfg.hwm)
@@ -304,3 +332,5 @@ class Runtime:
     def close(self) -> None:
         for sock in self.sockets.values():
             sock.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()

@@ -108,3 +108,48 @@ def test_stream_cli_plays_files_into_a_wav_and_stops_cleanly_on_sigterm(tiny_mod
     audio, rate = sf.read(out, always_2d=True)
     assert rate == 16000 and audio.shape[1] == 2 and len(audio) >= 16000  # at least a second came out
     assert len(audio) % 1280 == 0  # whole hops, nothing torn
+
+
+def test_curve_admits_only_known_clients_and_remote_binds_need_it(tiny_models, tmp_path):
+    import threading
+    from dataclasses import replace
+
+    import pytest
+    import zmq
+
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+    from realtime.client import Client
+    from realtime.runtime import Runtime
+    from visaudio.cli import main
+
+    for folder, name in (("server", "runtime"), ("allowed", "game"), ("other", "stranger")):
+        assert main(["keys", str(tmp_path / folder), name]) == 0
+    model, _ = load_model(tiny_models["student"])
+    runner = StreamGenerator(model, 4, 1)
+    with pytest.raises(ValueError, match="not loopback"):
+        Runtime(runner, 16000, replace(LOCAL, frames="tcp://0.0.0.0:*"))
+    cfg = replace(LOCAL, curve_secret=str(tmp_path / "server" / "runtime.key_secret"),
+                  curve_clients=str(tmp_path / "allowed"))
+    runtime = Runtime(runner, 16000, cfg, context=zmq.Context())
+    endpoints, stop = runtime.endpoints(), threading.Event()
+    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        server = str(tmp_path / "server" / "runtime.key")
+        frame = np.zeros((64, 64, 3), np.uint8)
+        with Client(1, endpoints, curve_secret=str(tmp_path / "other" / "stranger.key_secret"), curve_server=server) as bad:
+            for i in range(5):
+                bad.send_frame(frame, i * 40_000_000)
+            time.sleep(0.5)
+        with Client(0, endpoints, curve_secret=str(tmp_path / "allowed" / "game.key_secret"), curve_server=server) as good:
+            time.sleep(0.3)
+            for i in range(6):
+                good.send_frame(frame, i * 40_000_000)
+            assert good.receive(3000) is not None  # audio comes back, encrypted end to end
+            stats = good.control("stats")["stats"]
+        assert stats["counts"]["frames"] == 6 and list(stats["streams"]) == ["0"]  # the stranger never got in
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        runtime.close()

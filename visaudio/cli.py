@@ -322,6 +322,16 @@ def cmd_bench_latency(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    import zmq.auth
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(out, args.name)
+    print(f"wrote {public} (share it) and {secret} (keep it private)")
+    return 0
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -591,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no live stats line")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("keys", help="create a CURVE certificate pair (runtime or client) for remote peers",
+                       description="Writes DIR/NAME.key (public: give it to the peer) and DIR/NAME.key_secret. "
+                                   "The runtime takes its secret certificate and a folder of allowed clients' public "
+                                   "certificates (RuntimeConfig.curve_secret / curve_clients).")
+    p.add_argument("dir")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("export", help="export a checkpoint as a few-step streaming engine: static ONNX graphs "
                                       "+ manifest (TensorRT plans are built from them on first use on a GPU)",
