@@ -297,28 +297,33 @@ def cmd_bench_latency(args) -> int:
 
     _threads(args)
     seconds = args.minutes * 60 if args.minutes else args.seconds
+    reports = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            engine = args.engine
-            if engine is None:
-                engine = tmp
-                export_engine(tmp, hop=args.hop, batch=args.streams)
-            report = bench_latency(engine, seconds, args.backend, args.threads, streams=args.streams,
-                                   progress=not args.json)
+        for streams in args.streams:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine = args.engine
+                if engine is None:
+                    engine = tmp
+                    export_engine(tmp, hop=args.hop, batch=streams)
+                report = bench_latency(engine, seconds, args.backend, args.threads, streams=streams,
+                                       progress=not args.json)
+            report["cpu"] = _cpu_name()
+            reports.append(report)
     except (EngineError, ValueError, OSError) as exc:
         return _fail(str(exc))
-    report["cpu"] = _cpu_name()
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
         return 0
     fmt = lambda p: "n/a" if p is None else f"p50 {p['p50']:.1f}  p95 {p['p95']:.1f}  p99 {p['p99']:.1f} ms"  # noqa: E731
-    print(f"{report['cpu']}, {report['backend']}, {report['threads']} thread(s), hop {report['hop_ms']:g} ms, "
-          f"{report['streams']} stream(s), {report['seconds']:g} s")
-    print(f"motion-to-sound ({report['yaw_steps']} yaw steps): {fmt(report['motion_to_sound_ms'])}")
-    print(f"video-to-sound: {fmt(report['video_to_sound_ms'])}")
-    print(f"hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} deadline "
-          f"misses, {report['underflows']} underflows, {report['concealed_frames']} concealed frames; RSS "
-          f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB ({report['rss_mb']['growth_percent']:+.1f}%)")
+    for report in reports:
+        print(f"{report['cpu']}, {report['backend']}, {report['threads']} thread(s), hop {report['hop_ms']:g} ms, "
+              f"{report['streams']} stream(s), {report['seconds']:g} s")
+        print(f"  motion-to-sound ({report['yaw_steps']} yaw steps): {fmt(report['motion_to_sound_ms'])}")
+        print(f"  video-to-sound: {fmt(report['video_to_sound_ms'])}")
+        print(f"  hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} "
+              f"deadline misses, {report['underflows']} underflows, {report['concealed_frames']} concealed frames; RSS "
+              f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
+              f"({report['rss_mb']['growth_percent']:+.1f}%)")
     return 0
 
 
@@ -580,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--minutes", type=float, help="soak for this long instead")
-    p.add_argument("--streams", type=int, default=1, help="live streams at once (the engine's batch)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1],
+                   help="live streams at once (the engine's batch); several values sweep")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_latency)
