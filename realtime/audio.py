@@ -73,7 +73,7 @@ class HeadphoneSink:
     holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). The
     device callback only copies from the ring."""
 
-    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 30.0,
+    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 20.0,
                  device_ms: float = 20.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
                  capture_seconds: float = 0.0, settle_seconds: float = 2.0):
         import sounddevice as sd
@@ -101,8 +101,9 @@ class HeadphoneSink:
         self.correction = self.error = 0.0
         # what the device played and when (PortAudio's DAC time of each callback's first sample), for
         # `visaudio bench latency`; preallocated, so the callback still only copies
-        self.capture = np.zeros((int(capture_seconds * self.device_rate), 2), np.float32)
+        self.capture = np.ones((int(capture_seconds * self.device_rate), 2), np.float32)  # pages touched now
         self.capture_times = np.zeros(len(self.capture) // max(blocksize, 1) + 1)
+        self.block_log: list[tuple[int, int]] = []  # (first model sample of a fed block, its ring index)
         self.captured = self.callbacks = 0
         self.output = sd.OutputStream(samplerate=self.device_rate, blocksize=blocksize, channels=2, dtype="float32",
                                       device=device, callback=self._callback)
@@ -159,6 +160,8 @@ class HeadphoneSink:
             if taken is None:
                 break
             pcm, yaw = taken
+            if len(self.capture) and len(self.block_log) < 1_000_000:
+                self.block_log.append((self.taken - len(pcm), max(self.ring.written, self.ring.read)))
             if self.rotation is not None:
                 change = 0.0 if yaw is None or self.yaw_now is None else \
                     (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0

@@ -51,7 +51,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     sample_rate = runner.manifest["rates"]["sample_rate"]
     cfg = RuntimeConfig(**{k: "tcp://127.0.0.1:*" for k in ("frames", "pose", "control", "audio")})
     hop_ms = runner.g.samples / sample_rate * 1e3
-    sink = HeadphoneSink(sample_rate, 0, margin_ms=cfg.max_wait_ms + 15.0, device_ms=device_ms,
+    sink = HeadphoneSink(sample_rate, 0, device_ms=device_ms,
                          capture_seconds=seconds + 5)
     runtime = Runtime(runner, sample_rate, cfg, [sink])
     endpoints = runtime.endpoints()
@@ -135,17 +135,22 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         crossed = np.nonzero(later & ((lateral - half) * np.sign(goal - theta) >= 0))[0]
         if len(crossed):
             motion.append((lateral_t[crossed[0]] - sent) * 1e3)
-    # video to sound: the device sample that played a frame's media time (model sample n is media time
-    # (n - vae_hop) / rate; late rotation and resampling add their fixed delays; the device played the
-    # ring from its first sample, which was the first model sample)
+    # video to sound: the device sample that played a frame's media time. Model sample n is media time
+    # (n - vae_hop) / rate; the feeder logged where each 5 ms block went in the ring (= device sample
+    # index, zero-filled gaps included); late rotation and resampling add their fixed delays.
     from realtime.audio import TAPS
     from realtime.reproject import LateRotation as _LR
 
-    fixed = runner.g.vae_hop + _LR(sample_rate).base + TAPS // 2
+    log = np.array(sink.block_log) if sink.block_log else np.zeros((0, 2))
+    fixed = (_LR(sample_rate).base + TAPS // 2) * sink.ratio
     video = []
     for media, sent in sent_frames:
-        device_sample = int(round((media * sample_rate + fixed) * sink.ratio))
-        if not math.isnan(sent) and 0 <= device_sample < len(audio):
+        model_sample = media * sample_rate + runner.g.vae_hop
+        i = int(np.searchsorted(log[:, 0], model_sample, side="right")) - 1 if len(log) else -1
+        if math.isnan(sent) or i < 0:
+            continue
+        device_sample = int(round(log[i, 1] + (model_sample - log[i, 0]) * sink.ratio + fixed))
+        if device_sample < len(audio):
             video.append((sample_time(np.array([device_sample]))[0] - sent) * 1e3)
     return {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
             "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),

@@ -226,8 +226,8 @@ def cmd_stream(args) -> int:
         from realtime.audio import HeadphoneSink
 
         try:
-            # playback waits for the first hop plus the longest a hop may wait for late frames + jitter
-            sinks.append(HeadphoneSink(sample_rate, args.stream, margin_ms=cfg.max_wait_ms + 15.0))
+            # playback starts a margin after the first hop; later hops are scheduled on this device's clock
+            sinks.append(HeadphoneSink(sample_rate, args.stream))
         except (OSError, ValueError) as exc:  # no PortAudio or no output device
             return _fail(f"headphones: {exc}")
     else:
