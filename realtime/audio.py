@@ -86,6 +86,7 @@ class HeadphoneSink:
         self.margin, self.settle = margin_ms / 1e3, settle_seconds
         self.first_audio: float | None = None  # monotonic time the first hop arrived
         self.started_at: float | None = None
+        self.output_latency = 0.0
         self.level_sum = self.level_count = 0.0
         self.target: float | None = None  # seconds buffered in all (queue + ring) that drift correction holds
         self.device_target = int(device_ms / 1e3 * self.device_rate)
@@ -172,6 +173,7 @@ class HeadphoneSink:
                 _time.monotonic() >= self.first_audio + self.margin:
             self.output.start()
             self.playing, self.started_at = True, _time.monotonic()
+            self.output_latency = float(self.output.latency)  # the device's own buffering, seconds
 
     def _hold_level(self) -> None:
         """Drift correction: lean the resampling ratio toward the buffered level playback settled at."""

@@ -60,6 +60,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     sent_frames: list[tuple[float, float]] = []  # (media time, send time on the device clock)
     steps: list[tuple[float, float, float]] = []  # (send time on the device clock, yaw before, yaw after)
     rss = []
+    first_sent: list[float] = []  # monotonic time the first frame went out
 
     def produce(stream: int):
         with Client(stream, endpoints, subscribe=False) as client:
@@ -79,6 +80,8 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
                     frame = scene.frames[(k // 4) % len(scene.frames)]
                     if stream == 0:
                         sent_frames.append((k * 0.01, sink.output.time if sink.playing else math.nan))
+                        if not first_sent:
+                            first_sent.append(time.monotonic())
                     client.send_frame(frame, t_ns)
                 k += 1
 
@@ -154,6 +157,9 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             video.append((sample_time(np.array([device_sample]))[0] - sent) * 1e3)
     return {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
             "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),
+            # first frame sent -> the device starts playing the first audio (its output latency included)
+            "first_audio_ms": (sink.started_at + sink.output_latency - first_sent[0]) * 1e3
+            if first_sent and sink.started_at else None,
             "motion_to_sound_ms": percentiles(motion) if motion else None,
             "video_to_sound_ms": percentiles(video) if video else None,
             "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),

@@ -320,6 +320,8 @@ def cmd_bench_latency(args) -> int:
               f"{report['streams']} stream(s), {report['seconds']:g} s")
         print(f"  motion-to-sound ({report['yaw_steps']} yaw steps): {fmt(report['motion_to_sound_ms'])}")
         print(f"  video-to-sound: {fmt(report['video_to_sound_ms'])}")
+        if report["first_audio_ms"] is not None:
+            print(f"  first audio at the device {report['first_audio_ms']:.0f} ms after the first frame")
         print(f"  hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} "
               f"deadline misses, {report['underflows']} underflows, {report['concealed_frames']} concealed frames; RSS "
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
