@@ -18,6 +18,7 @@ import numpy as np
 from realtime.ring import AudioRing
 
 MAX_DRIFT_CORRECTION = 0.005
+MAX_EXCESS_SECONDS = 0.04  # more buffered than the settled level than this (a stalled device): drop it
 TAPS = 32  # per side... of the sinc kernel, in input samples
 
 
@@ -74,7 +75,7 @@ class HeadphoneSink:
     device callback only copies from the ring."""
 
     def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 20.0,
-                 device_ms: float = 20.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
+                 device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
                  capture_seconds: float = 0.0, settle_seconds: float = 2.0):
         import sounddevice as sd
 
@@ -100,6 +101,8 @@ class HeadphoneSink:
         self.taken = 0  # samples taken (feeder thread)
         self.yaw_now: float | None = None
         self.correction = self.error = 0.0
+        self.skipped = 0  # zero-filled device samples already compensated by dropping audio
+        self.dropped = 0  # model samples dropped after underflows and device stalls (latency kept)
         # what the device played and when (PortAudio's DAC time of each callback's first sample), for
         # `visaudio bench latency`; preallocated, so the callback still only copies
         self.capture = np.ones((int(capture_seconds * self.device_rate), 2), np.float32)  # pages touched now
@@ -156,6 +159,18 @@ class HeadphoneSink:
 
     def feed(self) -> None:
         """Top the device ring up to device_ms, 5 ms at a time (the feeder thread calls this)."""
+        lost = 0
+        if self.ring.missing > self.skipped:  # the device played silence: drop as much audio to keep the latency
+            lost = int((self.ring.missing - self.skipped) / self.ratio)
+            self.skipped = self.ring.missing
+        if self.target is not None:  # the device stalled (skipped cycles): the backlog is latency, drop it
+            excess = self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate - self.target
+            if excess > MAX_EXCESS_SECONDS:
+                lost += int(excess * self.sample_rate)
+        lost = min(lost, self.queued - self.taken)
+        if lost > 0:
+            self._take(lost)
+            self.dropped += lost
         while self.ring.available < self.device_target:
             taken = self._take(self.block)
             if taken is None:
@@ -202,7 +217,8 @@ class HeadphoneSink:
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.available / self.device_rate * 1e3,
                 "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.ring.underflows,
-                "missing_samples": self.ring.missing, "overflows": self.ring.overflows,
+                "missing_samples": self.ring.missing, "dropped_after_underflow": self.dropped,
+                "overflows": self.ring.overflows,
                 "drift_correction": self.correction}
 
     def close(self) -> None:

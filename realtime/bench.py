@@ -36,7 +36,7 @@ def _rss_mb() -> float:
 
 def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxruntime", threads: int = 1,
                   step_deg: float = 30.0, step_seconds: float = 1.0, streams: int = 1, progress: bool = True,
-                  device_ms: float = 20.0) -> dict:
+                  device_ms: float = 25.0) -> dict:
     from engine.backends import open_engine
     from realtime.audio import HeadphoneSink
     from realtime.client import Client

@@ -14,6 +14,7 @@ loopback by default (docs/PROTOCOL.md).
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Runtime:
     def __init__(self, runner: HopRunner, sample_rate: int, cfg: RuntimeConfig = RuntimeConfig(),
                  sinks: list[Sink] = (), context: zmq.Context | None = None, clock=time.monotonic_ns):
         self.runner, self.g, self.cfg, self.clock = runner, runner.g, cfg, clock
+        sys.setswitchinterval(0.001)  # other Python threads (the headphone feeder) wait ~1 ms for the GIL
         self.sample_rate = sample_rate
         self.hop_seconds = self.g.samples / sample_rate
         self.sinks = list(sinks)

@@ -117,7 +117,7 @@ def cmd_demo(args) -> int:
     print(f"picture: {png}")
     if not DEFAULT_CHECKPOINT.exists():
         return _fail(f"{DEFAULT_CHECKPOINT}: the shipped model is missing")
-    engine = export_engine(Path(args.out) / "engine").parent
+    engine = export_engine(Path(args.out) / "engine", hop=2).parent  # live: 40 ms hops (README: latency)
     print(f"live: a game-engine publisher plays the scene's frames and head pose over ZeroMQ into the runtime "
           f"({spec.duration:g} s, real time)...")
     audio, stats = run_live(engine, rendered.frames, rendered.pose, spec.fps, headphones=not args.no_headphones)
@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "steps, through the default PortAudio output device (a JACK dummy server "
                                      "works), recording what the device played (realtime/bench.py).")
     p.add_argument("--engine", help="engine folder (default: the shipped model exported at --hop)")
-    p.add_argument("--hop", type=int, default=4, help="latents per hop when exporting (default 4 = 80 ms)")
+    p.add_argument("--hop", type=int, default=2, help="latents per hop when exporting (default 2 = 40 ms, the live "
+                                                        "default: video-to-sound is about a hop + 60 ms)")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--minutes", type=float, help="soak for this long instead")
