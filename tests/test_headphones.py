@@ -13,7 +13,7 @@ PLAY = r"""
 import json, time, numpy as np, sounddevice as sd
 from realtime.audio import HeadphoneSink
 devices = [d for d in sd.query_devices() if d["max_output_channels"] >= 2]
-sink = HeadphoneSink(16000, stream=0, device=None)
+sink = HeadphoneSink(16000, stream=0, device=None, margin_ms=60.0)  # hops come every 80 ms, unpaced
 rng = np.random.default_rng(0)
 start = time.monotonic()
 for k in range(40):  # 3.2 s of 80 ms hops, produced in real time
