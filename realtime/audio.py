@@ -143,7 +143,7 @@ class HeadphoneSink:
     def _take(self, n: int):
         if self.queued - self.taken < n:
             return None
-        pcm, yaw, parts, need = [], [], 0, n
+        pcm, yaw, need = [], [], n
         while need:
             if self.head is None:
                 self.head = (*self.queue.popleft(), 0)

@@ -109,7 +109,6 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     finally:
         stop.set()
         stats = runtime.stats()
-        out = sink.stats()
         sink.close()
         runtime.close()
     if progress:

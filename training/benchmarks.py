@@ -6,7 +6,6 @@ HRTF interpolation or a miscalibrated estimator shows up as a large median error
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
