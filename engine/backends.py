@@ -6,7 +6,7 @@
     tensorrt     native TensorRT plans built from the same ONNX (min == opt == max profile, FP16 when
                  the engine was exported with precision fp16), preallocated device buffers, one stream
 
-`open_engine(dir, backend)` validates the manifest (format, file hashes, graph I/O against the
+`open_engine(dir, backend)` ("auto": the fastest available, timed on the spot) validates the manifest (format, file hashes, graph I/O against the
 geometry, TensorRT/GPU versions of a plan) and refuses anything that does not match, naming it.
 TensorRT cannot be installed on our machines: that backend follows the documented tensorrt Python API
 (10.x) and its tests run only where tensorrt and a GPU exist.
@@ -22,7 +22,7 @@ import torch
 from engine.hop import HopGeometry, HopRunner, Step, StreamGenerator
 from engine.model import load_model
 
-BACKENDS = ("torch", "torch-eager", "onnxruntime", "tensorrt")  # torch = CUDA graphs on a GPU, else eager
+BACKENDS = ("auto", "torch", "torch-eager", "onnxruntime", "tensorrt")  # torch = CUDA graphs on a GPU, else eager
 STEP_NAMES = ("conditions", "denoise", "decode")
 
 
@@ -227,8 +227,11 @@ def available_backends() -> list[str]:
 def open_engine(engine_dir: Path | str, backend: str = "onnxruntime", threads: int | None = None,
                 device: str | None = None) -> HopRunner:
     """A warmed-up engine for the exported hop in `engine_dir`. torch loads the checkpoint the manifest
-    names (and checks its hash); the others run the ONNX/plan files."""
+    names (and checks its hash); the others run the ONNX/plan files; "auto" takes the fastest."""
     from export.steps import sha256
+
+    if backend == "auto":
+        return best_backend(engine_dir, threads)
 
     manifest = read_manifest(engine_dir)
     geometry: HopGeometry = manifest["_geometry"]
@@ -277,11 +280,12 @@ def warm_up(runner: HopRunner, hops: int = 3) -> None:
         runner.hop(state, **example_inputs(runner.g, i, runner.device))
 
 
-def best_backend(engine_dir: Path | str, threads: int | None = None, hops: int = 20) -> tuple[str, dict]:
-    """`--backend auto`: time every available backend on this engine and pick the fastest."""
+def best_backend(engine_dir: Path | str, threads: int | None = None, hops: int = 20) -> HopRunner:
+    """`--backend auto`: open every available backend on this engine, time it, keep the fastest
+    (its `timings` attribute holds everyone's seconds per hop)."""
     import time
 
-    timings = {}
+    timings, runners = {}, {}
     for backend in available_backends():
         try:
             runner = open_engine(engine_dir, backend, threads)
@@ -293,8 +297,12 @@ def best_backend(engine_dir: Path | str, threads: int | None = None, hops: int =
             runner.hop(state, **inputs)
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
-        timings[backend] = (time.perf_counter() - start) / hops
-    return min(timings, key=timings.get), timings
+        timings[backend], runners[backend] = (time.perf_counter() - start) / hops, runner
+    if not runners:
+        raise EngineError(f"{engine_dir}: no backend could open it")
+    best = runners[min(timings, key=timings.get)]
+    best.timings = timings
+    return best
 
 
 def default_threads() -> int:

@@ -74,16 +74,20 @@ def bench_engine(path: Path | str, backends: list[str] | None = None, hops: int 
     return {"threads": torch.get_num_threads(), "device": _device_name(), "results": results}
 
 
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "CPU"
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
 
 
 def format_bench(report: dict) -> str:

@@ -141,10 +141,9 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     # (n - vae_hop) / rate; the feeder logged where each 5 ms block went in the ring (= device sample
     # index, zero-filled gaps included); late rotation and resampling add their fixed delays.
     from realtime.audio import TAPS
-    from realtime.reproject import LateRotation as _LR
 
     log = np.array(sink.block_log) if sink.block_log else np.zeros((0, 2))
-    fixed = (_LR(sample_rate).base + TAPS // 2) * sink.ratio
+    fixed = (sink.rotation.base + TAPS // 2) * sink.ratio
     video = []
     for media, sent in sent_frames:
         model_sample = media * sample_rate + runner.g.vae_hop

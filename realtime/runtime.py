@@ -84,6 +84,7 @@ class Runtime:
         self.rejected: Counter = Counter()
         self.counts: Counter = Counter()
         self.hop_ms: deque = deque(maxlen=2000)
+        self.compute_ms = 0.75 * self.hop_seconds * 1e3  # p95 of hop_ms once there are 10, for clock deadlines
         self.latency_ms: deque = deque(maxlen=2000)  # last input of a complete hop received -> its audio sent
         self.last_arrival: list[int] = [0] * self.g.batch
         self.started_ns = clock()
@@ -233,8 +234,7 @@ class Runtime:
         slack = [s.slack() for s in self.sinks if hasattr(s, "slack")]
         slack = [x for x in slack if x is not None]
         if slack:
-            compute = np.percentile(self.hop_ms, 95) if len(self.hop_ms) >= 10 else 3 * self.hop_seconds * 1e3 / 4
-            return self.clock() + (min(slack) - compute / 1e3 - CLOCK_SAFETY_SECONDS) * 1e9
+            return self.clock() + (min(slack) - self.compute_ms / 1e3 - CLOCK_SAFETY_SECONDS) * 1e9
         return min(self._deadline(i) for i in active)
 
     def run_hop(self) -> None:
@@ -258,6 +258,8 @@ class Runtime:
                                 noise.to(device)).cpu().numpy()
         done = self.clock()
         self.hop_ms.append((done - started) / 1e6)
+        if len(self.hop_ms) >= 10:  # once per hop, not on every poll
+            self.compute_ms = float(np.percentile(self.hop_ms, 95))
         self.counts["hops"] += 1
         if done - started > self.hop_seconds * 1e9:  # slower than real time: the output will fall behind
             self.counts["deadline misses"] += 1

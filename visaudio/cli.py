@@ -135,12 +135,12 @@ def cmd_bench(args) -> int:
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    from engine.bench import pin_to_one_core
+    from engine.bench import cpu_name, pin_to_one_core
     from training.benchmarks import bench_render
 
     core = pin_to_one_core() if args.threads == 1 else None
     result = bench_render(args.count, seed=args.seed, sources=args.sources or None, duration=args.duration)
-    result.update(threads=args.threads, pinned_core=core, cpu=_cpu_name())
+    result.update(threads=args.threads, pinned_core=core, cpu=cpu_name())
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -204,17 +204,13 @@ def cmd_stream(args) -> int:
     import threading
     import time
 
-    from engine.backends import EngineError, best_backend, open_engine
+    from engine.backends import EngineError
     from realtime.io import WavSink, play_camera, play_pose, play_video
     from realtime.runtime import Runtime, RuntimeConfig
 
     _threads(args)
     try:
-        backend = args.backend
-        if backend == "auto":
-            backend, timings = best_backend(args.engine, args.threads)
-            print("backend auto: " + ", ".join(f"{b} {t * 1e3:.1f} ms/hop" for b, t in timings.items()) + f" -> {backend}")
-        runner = open_engine(args.engine, backend, args.threads)
+        runner = _open_engine(args)
     except (EngineError, ValueError) as exc:
         return _fail(str(exc))
     sample_rate = runner.manifest["rates"]["sample_rate"]
@@ -251,7 +247,7 @@ def cmd_stream(args) -> int:
         t.start()
     ends = time.monotonic() + args.seconds if args.seconds else float("inf")
     next_report = time.monotonic() + 1.0
-    print(f"streaming on {backend}: frames {cfg.frames}, pose {cfg.pose}, control {cfg.control}, audio {cfg.audio}"
+    print(f"streaming on {runner.backend}: frames {cfg.frames}, pose {cfg.pose}, control {cfg.control}, audio {cfg.audio}"
           f"{'' if not sinks else ' + ' + args.out}  (Ctrl-C stops)")
 
     def should_stop() -> bool:  # also prints the live stats once a second
@@ -292,6 +288,7 @@ def cmd_bench_latency(args) -> int:
     import tempfile
 
     from engine.backends import EngineError
+    from engine.bench import cpu_name
     from export.steps import export_engine
     from realtime.bench import bench_latency
 
@@ -307,7 +304,7 @@ def cmd_bench_latency(args) -> int:
                     export_engine(tmp, hop=args.hop, batch=streams)
                 report = bench_latency(engine, seconds, args.backend, args.threads, streams=streams,
                                        progress=not args.json)
-            report["cpu"] = _cpu_name()
+            report["cpu"] = cpu_name()
             reports.append(report)
     except (EngineError, ValueError, OSError) as exc:
         return _fail(str(exc))
@@ -339,16 +336,15 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+def _open_engine(args):
+    """The engine of --engine with --backend (auto: the fastest, and it says which)."""
+    from engine.backends import open_engine
 
-    return platform.processor() or "unknown CPU"
+    runner = open_engine(args.engine, args.backend, args.threads)
+    if args.backend == "auto":
+        print("backend auto: " + ", ".join(f"{b} {t * 1e3:.1f} ms/hop" for b, t in runner.timings.items())
+              + f" -> {runner.backend}")
+    return runner
 
 
 def _threads(args) -> None:
@@ -470,7 +466,7 @@ def cmd_render(args) -> int:
     import numpy as np
     import soundfile as sf
 
-    from engine.backends import EngineError, best_backend, open_engine
+    from engine.backends import EngineError
     from engine.checkpoint import CheckpointError
     from engine.generate import generate, run_streams
     from training.clips import ClipError, read_pose, read_video
@@ -481,12 +477,7 @@ def cmd_render(args) -> int:
         pose_file = Path(args.pose) if args.pose else Path(args.video) / "pose.jsonl"
         pose = read_pose(pose_file) if args.pose or pose_file.is_file() else None
         if args.engine:
-            backend = args.backend
-            if backend == "auto":
-                backend, timings = best_backend(args.engine, args.threads)
-                print("backend auto: " + ", ".join(f"{b} {t * 1e3:.1f} ms/hop" for b, t in timings.items())
-                      + f" -> {backend}")
-            runner = open_engine(args.engine, backend, args.threads)
+            runner = _open_engine(args)
             sample_rate = runner.manifest["rates"]["sample_rate"]
             audio = run_streams(runner, frames[None], fps, [pose], [args.seed], sample_rate, progress=True)[0]
         else:
