@@ -24,10 +24,10 @@ demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/visaudio demo --out out/demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf $(VENV) out *.egg-info

@@ -9,6 +9,9 @@ import pytest
 
 from realtime.audio import Resampler
 
+# one JACK server per machine: every test that starts or uses it runs on the same xdist worker
+pytestmark = pytest.mark.xdist_group("jack")
+
 PLAY = r"""
 import json, time, numpy as np, sounddevice as sd
 from realtime.audio import HeadphoneSink
@@ -28,8 +31,9 @@ print(json.dumps({"devices": len(devices), "played": played, "written": sink.rin
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def jack():
+    """One JACK dummy server for the module (restarting it between tests raced PortAudio's port setup)."""
     if shutil.which("jackd") is None:
         pytest.skip("jackd2 is not installed (apt-get install libportaudio2 jackd2)")
     server = subprocess.Popen(["jackd", "--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256", "-P", "2", "-C", "2"],
