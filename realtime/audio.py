@@ -3,8 +3,10 @@
 The model speaks 16 kHz; sound cards run at 44.1/48 kHz on their own crystal, which drifts against the
 producer's clock. `Resampler` converts at ratio device_rate / 16000 * (1 + correction), a band-limited
 (Kaiser-windowed sinc) interpolator with its input history as state, so blocks join seamlessly.
-`HeadphoneSink` feeds a preallocated `AudioRing`; the device callback only copies out of it
-(python-rtmixer's rule). The correction follows the ring's fill level with a small proportional
+`HeadphoneSink` feeds a preallocated ring that python-rtmixer's C callback plays: the audio thread
+never takes the GIL (a Python callback waiting for it behind the runtime's threads made the JACK
+dummy device skip cycles: 536 in 30 s against 0 for the C callback, measured side by side). The
+correction follows the ring's fill level with a small proportional
 gain, capped at +-0.5% (NetEq's accelerate/decelerate), so the latency stays at its target.
 """
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import threading
 import time as _time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
-from realtime.ring import AudioRing
 
 MAX_DRIFT_CORRECTION = 0.005
 MAX_EXCESS_SECONDS = 0.04  # more buffered than the settled level than this (a stalled device): drop it
@@ -62,8 +64,17 @@ def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
     return np.where(inside, np.i0(beta * np.sqrt(np.clip(1 - u * u, 0, 1))) / np.i0(beta), 0.0)
 
 
+@dataclass
+class _Playback:
+    """One rtmixer play action over the device ring: it stops when the ring runs dry (an underflow)
+    and the sink starts another."""
+
+    first: int  # the ring frame it plays first
+    action: object  # rtmixer action; action.actual_time: DAC time of that frame (-1 until it starts)
+
+
 class HeadphoneSink:
-    """One stream's audio to a PortAudio output device (sounddevice), corrected late for head rotation.
+    """One stream's audio to a PortAudio output device, corrected late for head rotation.
 
     Hops from the runtime queue up as they are generated (with the yaw each was generated for). A feeder
     thread moves 5 ms blocks from that queue into the device ring, which it keeps `device_ms` full:
@@ -72,12 +83,16 @@ class HeadphoneSink:
     whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived (the slack
     for a later hop to arrive late); the buffered amount then settles at a level that drift correction
     holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). The
-    device callback only copies from the ring."""
+    device callback is rtmixer's, in C: it copies from the ring and nothing else."""
 
     def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 20.0,
                  device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
                  capture_seconds: float = 0.0, settle_seconds: float = 2.0):
-        import sounddevice as sd
+        try:
+            import rtmixer
+            import sounddevice as sd
+        except (ImportError, OSError) as exc:  # no PortAudio library
+            raise OSError(f"PortAudio playback is unavailable: {exc}") from exc
 
         from realtime.reproject import LateRotation
 
@@ -91,7 +106,15 @@ class HeadphoneSink:
         self.level_sum = self.level_count = 0.0
         self.target: float | None = None  # seconds buffered in all (queue + ring) that drift correction holds
         self.device_target = int(device_ms / 1e3 * self.device_rate)
-        self.ring = AudioRing(int(capacity_seconds * self.device_rate))
+        frames = 1 << int(np.ceil(np.log2(capacity_seconds * self.device_rate)))  # PortAudio rings: 2^k
+        self.ring = rtmixer.RingBuffer(8, frames)  # float32 stereo frames
+        self.written = 0  # frames ever written into the ring (feeder thread)
+        self.underflows = 0  # times the ring ran dry under the callback (it plays silence until restarted)
+        self.missing = 0  # device frames of that silence
+        self.overflows = 0  # blocks refused for lack of room
+        self.playbacks: list[_Playback] = []
+        self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
+        self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
         self.resampler = Resampler()
         self.rotation = LateRotation(sample_rate) if late_rotation else None
         self.block = sample_rate // 200
@@ -101,28 +124,18 @@ class HeadphoneSink:
         self.taken = 0  # samples taken (feeder thread)
         self.yaw_now: float | None = None
         self.correction = self.error = 0.0
-        self.skipped = 0  # zero-filled device samples already compensated by dropping audio
+        self.skipped = 0  # missing device frames already compensated by dropping audio
         self.dropped = 0  # model samples dropped after underflows and device stalls (latency kept)
-        # what the device played and when (PortAudio's DAC time of each callback's first sample), for
-        # `visaudio bench latency`; preallocated, so the callback still only copies
-        self.capture = np.ones((int(capture_seconds * self.device_rate), 2), np.float32)  # pages touched now
-        self.capture_times = np.zeros(len(self.capture) // max(blocksize, 1) + 1)
-        self.block_log: list[tuple[int, int]] = []  # (first model sample of a fed block, its ring index)
-        self.captured = self.callbacks = 0
-        self.output = sd.OutputStream(samplerate=self.device_rate, blocksize=blocksize, channels=2, dtype="float32",
-                                      device=device, callback=self._callback)
+        # for `visaudio bench latency`: what went into the ring (ring frame k plays at device_time(k)),
+        # and (first model sample, ring frame) of every 5 ms block; preallocated, pages touched now
+        self.capture = np.ones((int(capture_seconds * self.device_rate), 2), np.float32)
+        self.block_log = np.zeros((int(capture_seconds * 200) + 1, 2), np.int64)
+        self.logged = 0
+        self.output = rtmixer.Mixer(device=device, channels=2, blocksize=blocksize, samplerate=self.device_rate)
         self.playing = False
         self.stopping = threading.Event()
         self.feeder = threading.Thread(target=self._feed_loop, name="headphones-feeder", daemon=True)
         self.feeder.start()
-
-    def _callback(self, outdata, frames, time, status) -> None:  # the audio thread: copy only
-        self.ring.read_into(outdata)
-        if self.captured + frames <= len(self.capture) and self.callbacks < len(self.capture_times):
-            self.capture[self.captured:self.captured + frames] = outdata
-            self.capture_times[self.callbacks] = time.outputBufferDacTime
-            self.captured += frames
-            self.callbacks += 1
 
     def __call__(self, stream: int, t_ns: int, pcm: np.ndarray, yaw: np.ndarray | None = None) -> None:
         if stream != self.stream_id:
@@ -139,6 +152,27 @@ class HeadphoneSink:
     def on_pose(self, stream: int, yaw: float) -> None:
         if stream == self.stream_id:
             self.yaw_now = float(yaw)
+
+    @property
+    def consumed(self) -> int:
+        """Ring frames the device has taken."""
+        return self.written - self.ring.read_available
+
+    @property
+    def device_underflows(self) -> int:
+        """Callbacks PortAudio flagged output_underflow: the device played a gap because the callback
+        itself ran late (e.g. a JACK xrun)."""
+        return sum(p.action.stats.output_underflows for p in self.playbacks)
+
+    def device_time(self, frame: np.ndarray) -> np.ndarray:
+        """DAC time (the stream's clock, output.time) at which ring frame(s) `frame` played."""
+        started = [p for p in self.playbacks if p.action.actual_time >= 0]
+        if not started:
+            return np.full(np.shape(frame), np.nan)
+        firsts = np.array([p.first for p in started])
+        which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
+        origin = np.array([p.action.actual_time for p in started])
+        return origin[which] + (np.asarray(frame) - firsts[which]) / self.device_rate
 
     def _take(self, n: int):
         if self.queued - self.taken < n:
@@ -157,36 +191,70 @@ class HeadphoneSink:
         yaws = None if any(y is None for y in yaw) else np.concatenate(yaw)
         return np.concatenate(pcm), yaws
 
+    def _write(self, block: np.ndarray) -> None:
+        n = len(block)
+        if n > self.ring.write_available:
+            self.overflows += 1
+            return
+        if self.written + n <= len(self.capture):
+            self.capture[self.written:self.written + n] = block
+        self.ring.write(block)
+        self.written += n
+
+    def _play(self) -> None:
+        self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
+
+    def _watch_playback(self) -> None:
+        """Notice the ring running dry under the callback (rtmixer then ends the playback and the device
+        plays silence), and once a restarted playback has begun, count that silence."""
+        last = self.playbacks[-1]
+        if self.gap_from is None:
+            if last.action not in self.output.actions:
+                self.underflows += 1
+                self.gap_from = last.action.actual_time + (self.consumed - last.first) / self.device_rate
+        elif self.restarted and last.action.actual_time >= 0:
+            self.missing += int(round((last.action.actual_time - self.gap_from) * self.device_rate))
+            self.gap_from, self.restarted = None, False
+
     def feed(self) -> None:
         """Top the device ring up to device_ms, 5 ms at a time (the feeder thread calls this)."""
+        if self.playing:
+            self._watch_playback()
         lost = 0
-        if self.ring.missing > self.skipped:  # the device played silence: drop as much audio to keep the latency
-            lost = int((self.ring.missing - self.skipped) / self.ratio)
-            self.skipped = self.ring.missing
+        if self.missing > self.skipped:  # the device played silence: drop as much audio to keep the latency
+            lost = int((self.missing - self.skipped) / self.ratio)
+            self.skipped = self.missing
         if self.target is not None:  # the device stalled (skipped cycles): the backlog is latency, drop it
-            excess = self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate - self.target
+            excess = self.ring.read_available / self.device_rate + (self.queued - self.taken) / self.sample_rate \
+                - self.target
             if excess > MAX_EXCESS_SECONDS:
                 lost += int(excess * self.sample_rate)
         lost = min(lost, self.queued - self.taken)
         if lost > 0:
             self._take(lost)
             self.dropped += lost
-        while self.ring.available < self.device_target:
+        while self.ring.read_available < self.device_target:
             taken = self._take(self.block)
             if taken is None:
                 break
             pcm, yaw = taken
-            if len(self.capture) and len(self.block_log) < 1_000_000:
-                self.block_log.append((self.taken - len(pcm), max(self.ring.written, self.ring.read)))
+            if self.logged < len(self.block_log):
+                self.block_log[self.logged] = self.taken - len(pcm), self.written
+                self.logged += 1
             if self.rotation is not None:
                 change = 0.0 if yaw is None or self.yaw_now is None else \
                     (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0
                 pcm = self.rotation.process(pcm, change)
             self._hold_level()
-            self.ring.write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
-        if not self.playing and self.first_audio is not None and self.ring.available >= self.device_target and \
+            self._write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
+        full = self.ring.read_available >= self.device_target
+        if self.gap_from is not None and not self.restarted and full:
+            self._play()
+            self.restarted = True
+        if not self.playing and self.first_audio is not None and full and \
                 _time.monotonic() >= self.first_audio + self.margin:
             self.output.start()
+            self._play()
             self.playing, self.started_at = True, _time.monotonic()
             self.output_latency = float(self.output.latency)  # the device's own buffering, seconds
 
@@ -194,7 +262,7 @@ class HeadphoneSink:
         """Drift correction: lean the resampling ratio toward the buffered level playback settled at."""
         if not self.playing:
             return
-        buffered = self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate
+        buffered = self.slack()
         if self.target is None:
             self.level_sum, self.level_count = self.level_sum + buffered, self.level_count + 1
             if _time.monotonic() >= self.started_at + self.settle:
@@ -212,13 +280,13 @@ class HeadphoneSink:
         """Seconds of audio buffered (queue + ring) before the device runs dry; None before playback."""
         if not self.playing:
             return None
-        return self.ring.available / self.device_rate + (self.queued - self.taken) / self.sample_rate
+        return self.ring.read_available / self.device_rate + (self.queued - self.taken) / self.sample_rate
 
     def stats(self) -> dict:
-        return {"device_rate": self.device_rate, "buffered_ms": self.ring.available / self.device_rate * 1e3,
-                "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.ring.underflows,
-                "missing_samples": self.ring.missing, "dropped_after_underflow": self.dropped,
-                "overflows": self.ring.overflows,
+        return {"device_rate": self.device_rate, "buffered_ms": self.ring.read_available / self.device_rate * 1e3,
+                "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.underflows,
+                "device_underflows": self.device_underflows, "missing_samples": self.missing,
+                "dropped_after_underflow": self.dropped, "overflows": self.overflows,
                 "drift_correction": self.correction}
 
     def close(self) -> None:

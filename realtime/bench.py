@@ -3,15 +3,18 @@
 A producer thread plays a rendered scene into the runtime over ZeroMQ in real time (frames at 25 fps,
 head pose at 100 Hz) while the head yaw steps between 0 and `step_deg` every `step_seconds`. The
 runtime (an exported engine) feeds a HeadphoneSink on the default PortAudio device, which records
-what the device played and the DAC time of every callback. From that recording:
+what it put in the device ring and the DAC time at which each playback of that ring began (the C
+callback plays the ring frame by frame, so frame k plays at start + k / rate). From that recording:
 
 * motion-to-sound: from sending a yaw step to the moment the played audio's lateral angle (GCC-PHAT
   over 10 ms windows) has made half of the change the step implies;
 * video-to-sound: from sending a frame to the DAC time of the audio sample at that frame's media time
   (the transport delay every visible event's sound goes through, whatever the model makes of it).
 
-`--minutes N` soaks: RSS growth, underruns, hops, deadline misses (hops whose compute ran past the
-next hop's due time) and concealments over N minutes.
+Underruns are counted twice over: `underflows`, times the ring ran dry (we were late), and
+`device_underflows`, callbacks PortAudio flagged output_underflow (the device played a gap because the
+callback itself ran late, e.g. a JACK xrun). `--minutes N` soaks: RSS growth, underruns, hops,
+deadline misses (hops whose compute ran past the next hop's due time) and concealments over N minutes.
 """
 from __future__ import annotations
 
@@ -95,16 +98,17 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     try:
         while any(p.is_alive() for p in producers):
             runtime.poll_once(20.0)
-            if sink.ring.underflows > seen:
-                seen = sink.ring.underflows
+            if sink.underflows + sink.device_underflows > seen:
+                seen = sink.underflows + sink.device_underflows
                 underflow_times.append(time.monotonic() - started)
             if time.monotonic() >= next_rss:
                 rss.append(_rss_mb())
                 next_rss += 10
                 if progress:
                     print(f"\r{time.monotonic() - started:5.0f} s  RSS {rss[-1]:.0f} MB  "
-                          f"underflows {sink.ring.underflows}", end="", flush=True)
-        underflows = sink.ring.underflows  # (after this the producer is gone and the queue drains)
+                          f"underflows {sink.underflows} (device {sink.device_underflows})", end="", flush=True)
+        # (after this the producer is gone and the queue drains)
+        underflows, device_underflows = sink.underflows, sink.device_underflows
         time.sleep(0.3)
     finally:
         stop.set()
@@ -113,18 +117,13 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         runtime.close()
     if progress:
         print()
-    rate, block = sink.device_rate, 256
-    audio = sink.capture[:sink.captured]
-    dac = sink.capture_times[:sink.callbacks]
-
-    def sample_time(i: np.ndarray) -> np.ndarray:
-        return dac[np.minimum(i // block, len(dac) - 1)] + (i % block) / rate
-
+    rate = sink.device_rate
+    audio = sink.capture[:min(sink.written, len(sink.capture))]  # ring frame k played at sink.device_time(k)
     # the played audio's lateral angle over time (10 ms windows every 2.5 ms)
     probe = LateRotation(rate, analysis=512)
     centres = np.arange(512, len(audio), rate // 400)
     lateral = np.array([probe.measure_lateral(audio[c - 512:c].astype(np.float64)) for c in centres])
-    lateral_t = sample_time(centres - 256)
+    lateral_t = sink.device_time(centres - 256)
     motion = []
     for sent, before, after in steps:
         was = lateral[(lateral_t > sent - 0.15) & (lateral_t < sent - 0.01)]
@@ -138,11 +137,11 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         if len(crossed):
             motion.append((lateral_t[crossed[0]] - sent) * 1e3)
     # video to sound: the device sample that played a frame's media time. Model sample n is media time
-    # (n - vae_hop) / rate; the feeder logged where each 5 ms block went in the ring (= device sample
-    # index, zero-filled gaps included); late rotation and resampling add their fixed delays.
+    # (n - vae_hop) / rate; the feeder logged where each 5 ms block went in the ring; late rotation and
+    # resampling add their fixed delays.
     from realtime.audio import TAPS
 
-    log = np.array(sink.block_log) if sink.block_log else np.zeros((0, 2))
+    log = sink.block_log[:sink.logged]
     fixed = (sink.rotation.base + TAPS // 2) * sink.ratio
     video = []
     for media, sent in sent_frames:
@@ -152,7 +151,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             continue
         device_sample = int(round(log[i, 1] + (model_sample - log[i, 0]) * sink.ratio + fixed))
         if device_sample < len(audio):
-            video.append((sample_time(np.array([device_sample]))[0] - sent) * 1e3)
+            video.append((float(sink.device_time(device_sample)) - sent) * 1e3)
     return {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
             "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),
             # first frame sent -> the device starts playing the first audio (its output latency included)
@@ -162,7 +161,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "video_to_sound_ms": percentiles(video) if video else None,
             "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),
             "deadline_misses": stats["counts"].get("deadline misses", 0),
-            "underflows": underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
+            "underflows": underflows, "device_underflows": device_underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
                                                         "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
             "underflow_times_s": [float(t) for t in underflow_times],
             "concealed_frames": sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values()),

@@ -50,15 +50,26 @@ def play_pose(path: str, endpoints: RuntimeConfig, stream: int, stop: threading.
 
 
 def camera_format() -> str:
+    """This platform's capture input format for PyAV (FFmpeg libavdevice)."""
     return {"linux": "v4l2", "darwin": "avfoundation"}.get(sys.platform, "dshow")
 
 
-def play_camera(device: str, endpoints: RuntimeConfig, stream: int, stop: threading.Event, size: int = 128) -> None:
-    """Publish a camera's frames (centre-cropped square, resized to `size`) stamped on arrival."""
+def open_camera(device: str, fmt: str | None = None):
+    """Open a capture device with PyAV (`fmt` None: this platform's; "lavfi" opens an FFmpeg source
+    filter such as "testsrc2=size=320x240:rate=25,realtime", a camera for machines without one).
+    Raises OSError naming the device when it cannot be opened."""
     import av
 
-    with av.open(device, format=camera_format(), options={"framerate": "25"}) as container, \
-            Client(stream, endpoints, subscribe=False) as client:
+    fmt = fmt or camera_format()
+    try:
+        return av.open(device, format=fmt, options={} if fmt == "lavfi" else {"framerate": "25"})
+    except (av.FFmpegError, ValueError) as exc:
+        raise OSError(f"camera {device!r} ({fmt}): {exc}") from exc
+
+
+def play_camera(container, endpoints: RuntimeConfig, stream: int, stop: threading.Event, size: int = 128) -> None:
+    """Publish an opened camera's frames (centre-cropped square, resized to `size`) stamped on arrival."""
+    with container, Client(stream, endpoints, subscribe=False) as client:
         for frame in container.decode(video=0):
             if stop.is_set():
                 return

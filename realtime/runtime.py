@@ -14,6 +14,7 @@ loopback by default (docs/PROTOCOL.md).
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections import Counter, deque
@@ -88,6 +89,11 @@ class Runtime:
         self.latency_ms: deque = deque(maxlen=2000)  # last input of a complete hop received -> its audio sent
         self.last_arrival: list[int] = [0] * self.g.batch
         self.started_ns = clock()
+        # What startup allocated (torch, onnxruntime, the engine: ~180k objects) leaves the cyclic
+        # collector's view: a full collection over it held the GIL for ~100 ms, stopping the headphone
+        # feeder and callback for longer than the device ring lasts (measured with gc.callbacks).
+        gc.collect()
+        gc.freeze()
 
     def _secure(self):
         """A ZAP authenticator admitting only the clients whose public certificates are in curve_clients."""

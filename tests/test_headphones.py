@@ -23,11 +23,11 @@ for k in range(40):  # 3.2 s of 80 ms hops, produced in real time
     time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
     sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
 time.sleep(0.02)
-played = sink.ring.read
+played = sink.consumed
 stats = sink.stats()
 sink.close()
 sd._terminate()
-print(json.dumps({"devices": len(devices), "played": played, "written": sink.ring.written, **stats}))
+print(json.dumps({"devices": len(devices), "played": played, "written": sink.written, **stats}))
 """
 
 

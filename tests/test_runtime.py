@@ -153,3 +153,30 @@ def test_curve_admits_only_known_clients_and_remote_binds_need_it(tiny_models, t
         stop.set()
         thread.join(timeout=10)
         runtime.close()
+
+
+def test_stream_cli_captures_a_camera_through_pyav(tiny_models, tmp_path):
+    """A real libavdevice capture (FFmpeg's lavfi test source, paced by its `realtime` filter: this
+    machine has no camera) -> the runtime -> a WAV; a camera that cannot be opened is refused by name."""
+    import re
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from export.steps import export_engine
+
+    export_engine(tmp_path / "engine", tiny_models["student"])
+    out = tmp_path / "camera.wav"
+    cmd = [sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"), "--backend",
+           "onnxruntime", "--quiet", "--out", str(out), "--seconds", "4"]
+    done = subprocess.run(cmd + ["--video", "camera:testsrc2=size=320x240:rate=25,realtime", "--camera-format", "lavfi"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    hops = int(re.search(r"stopped: (\d+) hops", done.stdout).group(1))
+    concealed = int(re.search(r"concealed frames (\d+)", done.stdout).group(1))
+    audio, _ = sf.read(out, always_2d=True)
+    assert hops >= 20 and len(audio) == hops * 1280 and np.abs(audio).max() > 0
+    assert concealed <= 0.2 * hops * 2, done.stdout  # the camera's frames arrived (2 per 80 ms hop)
+    bad = subprocess.run(cmd + ["--video", "camera:/dev/no-such-camera"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "/dev/no-such-camera" in bad.stderr

@@ -205,7 +205,7 @@ def cmd_stream(args) -> int:
     import time
 
     from engine.backends import EngineError
-    from realtime.io import WavSink, play_camera, play_pose, play_video
+    from realtime.io import WavSink, open_camera, play_camera, play_pose, play_video
     from realtime.runtime import Runtime, RuntimeConfig
 
     _threads(args)
@@ -213,6 +213,13 @@ def cmd_stream(args) -> int:
         runner = _open_engine(args)
     except (EngineError, ValueError) as exc:
         return _fail(str(exc))
+    kind, _, device = (args.video or "zmq").partition(":")
+    camera = None
+    if kind == "camera":
+        try:
+            camera = open_camera(device or "/dev/video0", args.camera_format)
+        except OSError as exc:
+            return _fail(str(exc))
     sample_rate = runner.manifest["rates"]["sample_rate"]
     cfg = RuntimeConfig()
     sinks = []
@@ -234,11 +241,11 @@ def cmd_stream(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     origin = time.monotonic_ns()
     threads = []
-    if args.video not in ("zmq", None):
-        kind, _, device = args.video.partition(":")
-        target = (play_camera, device or "/dev/video0") if kind == "camera" else (play_video, args.video)
-        extra = () if kind == "camera" else (origin,)
-        threads.append(threading.Thread(target=target[0], args=(target[1], runtime.endpoints(), args.stream, stop, *extra),
+    if camera is not None:
+        threads.append(threading.Thread(target=play_camera, args=(camera, runtime.endpoints(), args.stream, stop),
+                                        daemon=True))
+    elif args.video not in ("zmq", None):
+        threads.append(threading.Thread(target=play_video, args=(args.video, runtime.endpoints(), args.stream, stop, origin),
                                         daemon=True))
     if args.pose not in ("zmq", None):
         threads.append(threading.Thread(target=play_pose, args=(args.pose, runtime.endpoints(), args.stream, stop, origin),
@@ -281,7 +288,8 @@ def _live_line(stats: dict) -> str:
             + (f", hop p50 {hop['p50']:.1f} p99 {hop['p99']:.1f} ms" if hop else "")
             + (f", frame-to-audio p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} ms" if lat else "")
             + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}"
-            + (f", underflows {stats['output']['underflows']}" if "output" in stats else ""))
+            + (f", underflows {stats['output']['underflows']} + {stats['output']['device_underflows']} at the device"
+               if "output" in stats else ""))
 
 
 def cmd_bench_latency(args) -> int:
@@ -320,7 +328,8 @@ def cmd_bench_latency(args) -> int:
         if report["first_audio_ms"] is not None:
             print(f"  first audio at the device {report['first_audio_ms']:.0f} ms after the first frame")
         print(f"  hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} "
-              f"deadline misses, {report['underflows']} underflows, {report['concealed_frames']} concealed frames; RSS "
+              f"deadline misses, {report['underflows']} underflows + {report['device_underflows']} at the device, "
+              f"{report['concealed_frames']} concealed frames; RSS "
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
               f"({report['rss_mb']['growth_percent']:+.1f}%)")
     return 0
@@ -592,7 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(or --out tcp://...). SIGINT/SIGTERM stop it cleanly.")
     p.add_argument("--engine", required=True, help="engine folder from `visaudio export`")
     p.add_argument("--backend", default="auto", help="auto, torch, torch-eager, onnxruntime or tensorrt")
-    p.add_argument("--video", default="zmq", help="zmq (producers publish), a video file, or camera[:DEVICE]")
+    p.add_argument("--video", default="zmq", help="zmq (producers publish), a video file, or camera[:DEVICE] "
+                                                  "(default /dev/video0)")
+    p.add_argument("--camera-format", help="PyAV capture format (default: v4l2 on Linux, avfoundation on macOS, dshow "
+                                           "on Windows; lavfi for an FFmpeg test source, e.g. --video "
+                                           "camera:testsrc2=size=320x240:rate=25,realtime)")
     p.add_argument("--pose", default="zmq", help="zmq, or a pose.jsonl file played at its timestamps")
     p.add_argument("--out", default="tcp://127.0.0.1:5563",
                    help="headphones (the default PortAudio output), FILE.wav, or a tcp:// PUB endpoint")
