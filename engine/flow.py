@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import JsonConfig
-from engine.interaural import PARAMS as TRANSFER_PARAMS
+from engine.interaural import PARAMS as TRANSFER_PARAMS, TABLE_AZIMUTHS
 
 ROLE_HORIZON, ROLE_CONTEXT, ROLE_MISSING = 0, 1, 2  # per latent position of a window
 
@@ -57,6 +57,9 @@ class FlowConfig(JsonConfig):
     # transfer divided out and a head predicts it per latent frame. Binaural training configs turn it
     # on; False (ears generated as they are) also keeps one-ear baselines valid.
     interaural: bool = False
+    # Hold the last seen source's world direction while no source is seen (interaural.hold_offscreen):
+    # a presence head on the frame grid and a direction table of the measured head. Needs interaural.
+    offscreen_hold: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_channels", tuple(self.vision_channels))
@@ -64,6 +67,8 @@ class FlowConfig(JsonConfig):
             raise ValueError("window must hold whole video frames and width must split into heads")
         if self.interaural and self.ears != 2:
             raise ValueError("the interaural transfer head needs ears = 2")
+        if self.offscreen_hold and not self.interaural:
+            raise ValueError("offscreen_hold needs the interaural transfer head (interaural = true)")
 
     @property
     def frames(self) -> int:
@@ -269,6 +274,9 @@ class FlowNet(nn.Module):
         # held-out head loss 2.6 vs 3.1 (a constant guess: 3.2) after 400 steps of the head alone
         self.transfer_head = (nn.Sequential(nn.Linear(cfg.grid * cfg.grid * w, w), nn.SiLU(),
                                             nn.Linear(w, TRANSFER_PARAMS)) if cfg.interaural else None)
+        if cfg.offscreen_hold:  # per frame: does one visible source dominate it? (logit)
+            self.presence_head = nn.Linear(cfg.grid * cfg.grid * w, 1)
+            self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, TRANSFER_PARAMS))
         self.video_in = nn.Linear(w, w)
         self.latent_in = nn.Linear(cfg.latent_dim, w)
         self.ear_embedding = nn.Parameter(torch.randn(ears, w) * 0.02)

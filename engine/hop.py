@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, Conditions, FlowNet
-from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, spectral_factors
+from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, hold_offscreen, spectral_factors
 from engine.model import BinauralModel
 from engine.sampling import WindowFlow, couple_ears, sample_euler
 
@@ -46,6 +46,7 @@ class HopGeometry:
     transfer: bool  # the interaural head's output goes to the decoder
     guidance: float
     times: tuple[float, ...] = field(default=(0.0, 1.0))
+    hold: bool = False  # the last seen source is held in the world off screen (interaural.hold_offscreen)
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -60,7 +61,7 @@ class HopGeometry:
         return cls(batch, cfg.ears, window, hop, cfg.latent_dim, cfg.latents_per_frame, cfg.frame_size,
                    cfg.grid * cfg.grid, cfg.width, model.vae.cfg.hop, cfg.interaural,
                    model.sampler.guidance if guidance is None else float(guidance),
-                   tuple(float(t) for t in (model.sampler.times if times is None else times)))
+                   tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold)
 
     @property
     def frames(self) -> int:
@@ -92,6 +93,8 @@ class HopGeometry:
         state_rings = [("grids", (b, f, self.grid_tokens, self.width), "float32"),
                        ("video_present", (b, f), "float32"), ("pose", (b, w, 3), "float32"),
                        ("pose_present", (b, w), "float32"), ("latent_present", (b, w), "float32")]
+        if self.hold:  # world azimuth of the last source seen, and whether there is one
+            state_rings += [("held_azimuth", (b,), "float32"), ("held_present", (b,), "float32")]
         conditions = self.conditions() + (self.conditions("null_") if self.guidance != 1.0 else [])
         transfer = [("transfer", (b, w, TRANSFER_PARAMS), "float32")] if self.transfer else []
         latents = ("latents", (b, e, w, self.latent_dim), "float32")
@@ -137,9 +140,11 @@ class ConditionStep(nn.Module):
         self.flow, self.g = flow, geometry
         horizon = torch.arange(geometry.window) >= geometry.window - geometry.hop
         self.register_buffer("horizon", horizon[None], persistent=False)
+        self.register_buffer("new_frame_of_latent", torch.arange(geometry.hop) // geometry.latents_per_frame,
+                             persistent=False)
 
     def forward(self, frames, frame_present, new_pose, new_pose_present, grids, video_present, pose, pose_present,
-                latent_present):
+                latent_present, *held):
         g, flow = self.g, self.flow
         grids = _shift_in(grids, flow.encode_frames(frames))
         video_present = _shift_in(video_present, frame_present)
@@ -149,14 +154,20 @@ class ConditionStep(nn.Module):
         roles = torch.where(self.horizon, ROLE_HORIZON, torch.where(context_present > 0.5, ROLE_CONTEXT, ROLE_MISSING))
         seen = roles != ROLE_MISSING
         cond = flow.prepare(grids, video_present > 0.5, pose, (pose_present > 0.5) & seen, roles)
+        transfer = cond.transfer
+        if g.hold:
+            presence = flow.presence_head(grids[:, -g.hop_frames:].flatten(2))[..., 0]  # (B, new frames) logits
+            presence = torch.where(frame_present > 0.5, presence, -1.0)[:, self.new_frame_of_latent]
+            now, *held = hold_offscreen(transfer[:, -g.hop:], presence, new_pose[..., 0], *held, flow.direction_table)
+            transfer = torch.cat([transfer[:, :-g.hop], now], dim=1)
         outs = [grids, video_present, pose, pose_present, _shift_in(latent_present, torch.ones_like(new_pose_present)),
-                *(getattr(cond, n) for n in CONDITION_FIELDS)]
+                *held, *(getattr(cond, n) for n in CONDITION_FIELDS)]
         if g.guidance != 1.0:
             null = flow.prepare(grids, torch.zeros_like(video_present, dtype=torch.bool), pose,
                                 torch.zeros_like(pose_present, dtype=torch.bool), roles)
             outs += [getattr(null, n) for n in CONDITION_FIELDS]
         if g.transfer:
-            outs.append(cond.transfer)
+            outs.append(transfer)
         return tuple(outs)
 
 

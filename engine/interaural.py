@@ -15,6 +15,12 @@ not happen in our CPU budgets (the ears came out nearly identical: |ITD| ~10 us 
   (p = the VAE's compression power), so tau > 0 delays the right ear: a source on the left.
 
 The network's transfer outputs are in units of ITD_UNIT and ILD_UNIT (about unit scale).
+
+A source that leaves the view can no longer be placed from the image. `hold_offscreen` (FlowConfig.
+offscreen_hold; our extension, not in ViSAudio) keeps the world direction of the last source seen
+dominating the frame and, while none is seen, gives the transfer of that direction relative to the
+current head yaw, read from a table of the measured head's transfer by azimuth: a head turn away from
+a source keeps moving it across the ears instead of dropping it to the middle.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ PARAMS = 1 + len(ILD_BAND_CENTRES_HZ)  # per latent frame: ITD, then the band IL
 LABEL_SMOOTHING = 5  # latent frames (100 ms) over which label cross-spectra are averaged
 SILENCE_DB = 50.0  # frames this far below the clip's loudest carry no label weight
 MIN_ITD_WEIGHT = 0.1  # squared coherence below which a frame's ITD label is 0 (diffuse or silent)
+TABLE_AZIMUTHS = 361  # direction table rows: azimuth -180..180 degrees, 1 degree apart, elevation 0
 
 
 def bin_frequencies(cfg: VAEConfig) -> torch.Tensor:
@@ -108,3 +115,26 @@ def labels(spectra: torch.Tensor, cfg: VAEConfig, bands: torch.Tensor,
     itd = torch.where(itd_weight >= MIN_ITD_WEIGHT, itd, 0.0)
     params = torch.cat([itd[:, None] / ITD_UNIT, ild * active[:, None] / ILD_UNIT], dim=-1)
     return params, torch.stack([itd_weight, active], dim=-1)
+
+
+def hold_offscreen(transfer: torch.Tensor, presence: torch.Tensor, yaw: torch.Tensor, held_azimuth: torch.Tensor,
+                   held_present: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hop's transfer with the last seen source held in the world (see the module docstring).
+
+    transfer (B, H, PARAMS): the head's prediction for the hop's new latents; presence (B, H): logits
+    that one visible source dominates each latent's frame; yaw (B, H): head yaw (degrees) at those
+    latents; held_azimuth, held_present (B,): the stream's state (world azimuth of the last source
+    seen, and whether there is one); table (TABLE_AZIMUTHS, PARAMS). Latent by latent (H is small and
+    static): a seen source is placed at the frontal azimuth whose table ITD matches the predicted ITD.
+    Returns (transfer, held_azimuth, held_present)."""
+    front = table[90:271, 0]  # azimuth -90..90
+    out = []
+    for j in range(transfer.shape[1]):
+        seen = presence[:, j] > 0
+        azimuth = torch.argmin(torch.abs(front[None, :] - transfer[:, j, :1]), dim=1).float() - 90.0
+        held_azimuth = torch.where(seen, azimuth + yaw[:, j], held_azimuth)
+        held_present = torch.where(seen, torch.ones_like(held_present), held_present)
+        relative = torch.remainder(held_azimuth - yaw[:, j] + 180.0, 360.0) - 180.0
+        row = table[torch.round(relative).long() + 180]
+        out.append(torch.where((~seen & (held_present > 0.5))[:, None], row, transfer[:, j]))
+    return torch.stack(out, dim=1), held_azimuth, held_present

@@ -54,3 +54,46 @@ def test_factors_invert_and_restore_the_transfer():
     measured, _ = interaural.labels(vae.spectra(binaural), cfg, bands)
     assert (measured[10:-10, 0] - 3.0).abs().max() <= 0.1
     assert (measured[10:-10, 1:] - 2.0).abs().max() < 0.1
+
+
+def _lateral_table():
+    """A synthetic direction table: ITD = lateral angle / 10 units, ILDs = 2 sin(azimuth)."""
+    az = torch.linspace(-180.0, 180.0, interaural.TABLE_AZIMUTHS)
+    table = torch.zeros(interaural.TABLE_AZIMUTHS, interaural.PARAMS)
+    table[:, 0] = torch.rad2deg(torch.asin(torch.sin(torch.deg2rad(az)))) / 10
+    table[:, 1:] = 2 * torch.sin(torch.deg2rad(az))[:, None]
+    return table
+
+
+def test_hold_keeps_the_last_seen_source_fixed_in_the_world_as_the_head_turns():
+    table = _lateral_table()
+    yaw = torch.arange(0.0, -60.0, -5.0)[None]  # the head turns right, away from a source at world azimuth 30
+    relative = (30.0 - yaw[0]).long()  # where the source is relative to the head: 30 .. 85
+    truth = table[relative + 180][None]
+    seen = torch.tensor([[True] * 4 + [False] * 8])  # on screen for 4 latents, then out of view
+    head = torch.where(seen[..., None], truth, torch.zeros_like(truth))  # off screen the head says "ahead"
+    logits = seen.float() * 2 - 1
+    start = (torch.zeros(1), torch.zeros(1))
+    out, azimuth, present = interaural.hold_offscreen(head, logits, yaw, *start, table)
+    torch.testing.assert_close(out, truth)  # seen: the head's own; then the held direction, moving with yaw
+    assert present.item() == 1.0 and azimuth.item() == 30.0
+    # streaming: two hops with the state carried equal one long hop
+    first, *state = interaural.hold_offscreen(head[:, :6], logits[:, :6], yaw[:, :6], *start, table)
+    second, *_ = interaural.hold_offscreen(head[:, 6:], logits[:, 6:], yaw[:, 6:], *state, table)
+    torch.testing.assert_close(torch.cat([first, second], 1), out)
+    # nothing seen yet: the head's transfer passes through
+    passed, _, never = interaural.hold_offscreen(head[:, 4:], logits[:, 4:], yaw[:, 4:], *start, table)
+    assert never.item() == 0.0 and torch.equal(passed, head[:, 4:])
+
+
+def test_direction_table_has_the_measured_heads_cues():
+    from training.presence import direction_table
+
+    table = direction_table(SpectralVAE(VAEConfig()), seconds=1.0)
+    itd_us = table[:, 0] * interaural.ITD_UNIT * 1e6
+    assert abs(itd_us[180]) < 40  # ahead: no ITD
+    assert 500 < itd_us[180 + 90] < 900 and -900 < itd_us[180 - 90] < -500  # left leads for a source on the left
+    front = itd_us[180 - 80:180 + 81]
+    assert (front[1:] >= front[:-1] - 25).all()  # rises with azimuth across the front (10 us label grid)
+    high = table[:, -1] * interaural.ILD_UNIT  # 7 kHz band
+    assert high[180 + 60] > 5 and high[180 - 60] < -5  # the head shadows the far ear

@@ -180,3 +180,19 @@ def test_dominant_source_from_levels():
     which, dominated = metrics.dominant_source(meta)
     assert dominated.tolist() == [True, False, True, True, False]
     assert which[:4].tolist() == [0, 0, 1, 1]
+
+
+def test_cue_errors_on_a_subset_of_frames():
+    """The in-view scoring: only the masked frames count, and a mask with nothing sounding is refused."""
+    x = noise()
+    ref = np.stack([x, fractional_delay(x, np.full(len(x), 3.2))])
+    est = ref.copy()
+    half = len(x) // 2
+    est[1, half:] = fractional_delay(x, np.full(len(x), 1.6))[half:]  # wrong ITD in the second half only
+    frames = len(metrics.binaural_cues(ref, SR).times)
+    first = np.arange(frames) < frames // 2 - 2
+    assert metrics.cue_errors(ref, est, SR, first)["itd_error_us"] == 0
+    assert metrics.cue_errors(ref, est, SR, ~first)["itd_error_us"] > 50
+    assert metrics.cue_errors(ref, est, SR, first)["frames"] == first.sum()
+    with pytest.raises(ValueError, match="silent"):
+        metrics.cue_errors(ref, est, SR, np.zeros(frames, bool))

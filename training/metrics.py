@@ -138,11 +138,12 @@ def lateral_from_cues(cues: BinauralCues, head_radius: float = HEAD_RADIUS) -> t
 # ------------------------------------------------------------------------------- reference comparisons
 
 
-def cue_errors(ref: np.ndarray, est: np.ndarray, sample_rate: int) -> dict:
-    """ITD error (us), per-band ILD error (dB) and coherence error on frames where the reference sounds."""
+def cue_errors(ref: np.ndarray, est: np.ndarray, sample_rate: int, frames: np.ndarray | None = None) -> dict:
+    """ITD error (us), per-band ILD error (dB) and coherence error on frames where the reference sounds
+    (and `frames`, a (T,) mask over the cue frames, is True, if given)."""
     ref, est = _pair(ref, est)
     a, b = binaural_cues(ref, sample_rate), binaural_cues(est, sample_rate)
-    frames = a.active
+    frames = a.active if frames is None else a.active & frames
     if not frames.any():
         raise ValueError("the reference is silent: no frame to compare")
     itd_err = np.abs(a.itd - b.itd)[frames] * 1e6
@@ -152,7 +153,7 @@ def cue_errors(ref: np.ndarray, est: np.ndarray, sample_rate: int) -> dict:
     ic_err = np.abs(a.coherence - b.coherence)[frames]
     return {
         "itd_error_us": float(np.mean(itd_err)), "itd_error_us_median": float(np.median(itd_err)),
-        "ild_error_db": float(np.mean(ild_err)), "ic_error": float(np.mean(ic_err)),
+        "ild_error_db": float(np.mean(ild_err)) if len(ild_err) else float("nan"), "ic_error": float(np.mean(ic_err)),
         "frames": int(frames.sum()),
     }
 

@@ -408,6 +408,23 @@ def cmd_train_flow(args) -> int:
     return 0
 
 
+def cmd_train_presence(args) -> int:
+    from engine.checkpoint import CheckpointError
+    from training.presence import write_presence
+
+    _threads(args)
+    try:
+        report = write_presence(args.checkpoint, args.cache, args.out, frames=args.frames, epochs=args.epochs)
+    except (ValueError, CheckpointError, OSError) as exc:
+        return _fail(str(exc))
+    held = report["held_out"]
+    print(f"presence head, held-out frames: accuracy {held['accuracy']:.3f} (always 'none': "
+          f"{1 - held['base_rate']:.3f}), precision {held['precision']:.3f}, recall {held['recall']:.3f}; "
+          f"{report['seconds']:.0f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_distill(args) -> int:
     from engine.checkpoint import CheckpointError
     from engine.config import load_config
@@ -651,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-dataset", help="cache the clips of this dataset folder instead of rendering")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("train", help="train a model: `train vae` (per-ear audio autoencoder), `train flow`")
+    p = sub.add_parser("train", help="train a model: `train vae` (per-ear audio autoencoder), `train flow`, "
+                                     "`train presence` (the off-screen hold)")
     train = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     p = train.add_parser("vae", help="fit the per-ear spectral VAE (closed-form PPCA) and evaluate it",
                          description="Config: JSON/YAML with the fields of training.train_vae.TrainVAEConfig "
@@ -675,6 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_train_flow)
+    p = train.add_parser("presence", help="turn on the off-screen hold of a binaural model (presence head + "
+                                          "direction table)",
+                         description="Fits, on a frozen model, the presence head (does one visible source dominate "
+                                     "the frame? trained on the cache's visible_dominant mask) and the measured "
+                                     "head's direction table (training/presence.py). Writes a model checkpoint "
+                                     "(float32; `visaudio pack` it to ship).")
+    p.add_argument("--checkpoint", required=True, help="binaural model with the interaural head")
+    p.add_argument("--cache", default="cache/train")
+    p.add_argument("--out", required=True)
+    p.add_argument("--frames", type=int, default=24000, help="training frames sampled from the cache")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train_presence)
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student (guidance folded in)",
                        description="Trajectory distillation (training/distill.py). Config: JSON/YAML with the "
