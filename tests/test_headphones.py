@@ -13,13 +13,16 @@ from realtime.audio import Resampler
 pytestmark = pytest.mark.xdist_group("jack")
 
 PLAY = r"""
-import json, time, numpy as np, sounddevice as sd
+import json, sys, time, numpy as np, sounddevice as sd
 from realtime.audio import HeadphoneSink
 devices = [d for d in sd.query_devices() if d["max_output_channels"] >= 2]
 sink = HeadphoneSink(16000, stream=0, device=None, margin_ms=60.0)  # hops come every 80 ms, unpaced
 rng = np.random.default_rng(0)
-start = time.monotonic()
+pause = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # the producer stalls this long after 1.6 s,
+start = time.monotonic()  # then catches up (as the runtime does: the hops that fell due come at once)
 for k in range(40):  # 3.2 s of 80 ms hops, produced in real time
+    if k == 20:
+        time.sleep(pause)
     time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
     sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
 time.sleep(0.02)
@@ -27,7 +30,8 @@ played = sink.consumed
 stats = sink.stats()
 sink.close()
 sd._terminate()
-print(json.dumps({"devices": len(devices), "played": played, "written": sink.written, **stats}))
+print(json.dumps({"devices": len(devices), "played": played, "written": sink.written,
+                  "playbacks": len(sink.playbacks), **stats}))
 """
 
 
@@ -57,6 +61,19 @@ def test_headphone_sink_plays_in_real_time(jack):
     assert result["played"] > 2.5 * 48000
     assert result["missing_samples"] < 0.05 * result["played"]
     assert abs(result["drift_correction"]) <= 0.005
+
+
+def test_headphone_sink_restarts_after_running_dry_and_keeps_its_latency(jack):
+    """A producer stall of 300 ms: the ring runs dry once, playback restarts when audio is back, the
+    silence the device played is counted and as much audio is dropped, so the latency stays put."""
+    done = subprocess.run([sys.executable, "-c", PLAY, "0.3"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["underflows"] >= 1 and result["playbacks"] >= 2  # (the run's end runs dry too)
+    gap = result["missing_samples"] / 48000
+    assert 0.1 < gap < 0.3, gap  # the stall less what was buffered (margin + device ring + part of a hop)
+    assert result["dropped_after_underflow"] >= 0.8 * gap * 16000  # the gap is not added to the latency
+    assert result["played"] > 2.5 * 48000  # it went on playing after the stall
 
 
 def test_resampler_blocks_join_seamlessly_and_track_a_tone():

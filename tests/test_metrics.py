@@ -196,3 +196,15 @@ def test_cue_errors_on_a_subset_of_frames():
     assert metrics.cue_errors(ref, est, SR, first)["frames"] == first.sum()
     with pytest.raises(ValueError, match="silent"):
         metrics.cue_errors(ref, est, SR, np.zeros(frames, bool))
+
+
+def test_cue_errors_can_keep_only_coherent_reference_frames():
+    x, y = noise(seed=1), noise(seed=2)
+    ref = np.stack([x, fractional_delay(x, np.full(len(x), 3.2))])
+    half = len(x) // 2
+    ref[1, half:] = y[half:]  # the second half: the ears unrelated, as in a late reverb tail
+    est = np.stack([x, x])  # no ITD anywhere
+    all_frames = metrics.cue_errors(ref, est, SR)
+    direct = metrics.cue_errors(ref, est, SR, min_reference_coherence=metrics.DIRECTION_MIN_COHERENCE)
+    assert direct["frames"] < all_frames["frames"] * 0.6
+    assert direct["itd_error_us"] == pytest.approx(200.0, abs=8.0)  # only the frames with an ITD to get wrong

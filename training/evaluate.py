@@ -13,6 +13,9 @@ Reported per system:
       (every frame where the reference sounds, the source on screen or not);
   itd_error_us_in_view, ild_error_db_in_view: the same, on the frames the acceptance scopes them to:
       the source visible and within +-60 degrees of straight ahead;
+  itd_error_us_direct, ild_error_db_direct: of those, the frames where the reference's ears are
+      coherent (>= DIRECTION_MIN_COHERENCE: the direct sound dominates, so the reference has an ITD;
+      in rooms the late reverb leaves GCC-PHAT a random lag in both signals);
   lateral_error_deg: median over frames where the dominant source is visible and within +-60 degrees
       of straight ahead (coherence-gated as in training.metrics.direction_error);
   onset_within_40ms: fraction of visible events with an audio onset within 40 ms (pooled);
@@ -107,10 +110,11 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     """The metrics of one system over the scene set (see the module docstring)."""
     from training.metrics import compare, direction_error, meta_tracks, onset_sync
 
-    from training.metrics import cue_errors
+    from training.metrics import DIRECTION_MIN_COHERENCE, cue_errors
 
     ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
-    refs, in_view_refs, lateral_errors, hits, events, correlations = [], [], [], 0, 0, []
+    refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
+    subsets = {"in_view": ([], 0.0), "direct": ([], DIRECTION_MIN_COHERENCE)}
     for audio, scene in zip(outputs, scenes):
         audio = np.asarray(audio, np.float64)
         if scene.kind == "single":
@@ -122,10 +126,11 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             in_view = visible[f, 0] & (np.abs(az[f, 0]) <= MAX_AZIMUTH)
             sel = series["scored"] & in_view
             lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
-            try:
-                in_view_refs.append(cue_errors(scene.audio, audio, scene.sample_rate, in_view))
-            except ValueError:  # silent while in view
-                pass
+            for found, coherence in subsets.values():
+                try:
+                    found.append(cue_errors(scene.audio, audio, scene.sample_rate, in_view, coherence))
+                except ValueError:  # no such frame in this scene
+                    pass
             sync = onset_sync(audio, scene.sample_rate, scene.meta)
             events += sync["events"]
             hits += round((sync["within_40ms"] or 0.0) * sync["events"])
@@ -137,9 +142,10 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             ok = use.sum() > 2 and np.std(est[use]) > 0
             correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
     result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}
-    for key in ("itd_error_us", "ild_error_db"):
-        values = [r[key] for r in in_view_refs if np.isfinite(r[key])]
-        result[f"{key}_in_view"] = float(np.mean(values)) if values else None
+    for name, (found, _) in subsets.items():
+        for key in ("itd_error_us", "ild_error_db"):
+            values = [r[key] for r in found if np.isfinite(r[key])]
+            result[f"{key}_{name}"] = float(np.mean(values)) if values else None
     pooled = np.concatenate(lateral_errors) if lateral_errors else np.zeros(0)
     result.update(lateral_error_deg=float(np.median(pooled)) if len(pooled) else None,
                   lateral_frames=int(len(pooled)),
@@ -263,6 +269,7 @@ def format_report(report: dict) -> str:
     cols = [("evaluations_per_hop", "NFE/hop", "{:.0f}"), ("lateral_error_deg", "lat.err deg", "{:.1f}"),
             ("itd_error_us", "ITD err us", "{:.0f}"), ("ild_error_db", "ILD err dB", "{:.2f}"),
             ("itd_error_us_in_view", "ITD in view", "{:.0f}"), ("ild_error_db_in_view", "ILD in view", "{:.2f}"),
+            ("itd_error_us_direct", "ITD direct", "{:.0f}"), ("ild_error_db_direct", "ILD direct", "{:.2f}"),
             ("onset_within_40ms", "onset<=40ms", "{:.2f}"), ("head_turn_correlation", "turn r", "{:.2f}"),
             ("stft_distance", "STFT", "{:.4f}"), ("envelope_distance", "ENV", "{:.4f}")]
     lines = [f"{'system':<32}" + "".join(f"{h:>13}" for _, h, _ in cols)]
