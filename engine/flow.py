@@ -274,7 +274,7 @@ class FlowNet(nn.Module):
         # held-out head loss 2.6 vs 3.1 (a constant guess: 3.2) after 400 steps of the head alone
         self.transfer_head = (nn.Sequential(nn.Linear(cfg.grid * cfg.grid * w, w), nn.SiLU(),
                                             nn.Linear(w, TRANSFER_PARAMS)) if cfg.interaural else None)
-        if cfg.offscreen_hold:  # per frame: does one visible source dominate it? (logit)
+        if cfg.offscreen_hold:  # per frame: is a sounding source on screen? (logit)
             self.presence_head = nn.Linear(cfg.grid * cfg.grid * w, 1)
             self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, TRANSFER_PARAMS))
         self.video_in = nn.Linear(w, w)

@@ -17,8 +17,8 @@ not happen in our CPU budgets (the ears came out nearly identical: |ITD| ~10 us 
 The network's transfer outputs are in units of ITD_UNIT and ILD_UNIT (about unit scale).
 
 A source that leaves the view can no longer be placed from the image. `hold_offscreen` (FlowConfig.
-offscreen_hold; our extension, not in ViSAudio) keeps the world direction of the last source seen
-dominating the frame and, while none is seen, gives the transfer of that direction relative to the
+offscreen_hold; our extension, not in ViSAudio) keeps the world direction of the last sounding source
+seen on screen and, while none is seen, gives the transfer of that direction relative to the
 current head yaw, read from a table of the measured head's transfer by azimuth: a head turn away from
 a source keeps moving it across the ears instead of dropping it to the middle.
 """
@@ -122,7 +122,7 @@ def hold_offscreen(transfer: torch.Tensor, presence: torch.Tensor, yaw: torch.Te
     """The hop's transfer with the last seen source held in the world (see the module docstring).
 
     transfer (B, H, PARAMS): the head's prediction for the hop's new latents; presence (B, H): logits
-    that one visible source dominates each latent's frame; yaw (B, H): head yaw (degrees) at those
+    that a sounding source is on screen in each latent's frame; yaw (B, H): head yaw (degrees) at those
     latents; held_azimuth, held_present (B,): the stream's state (world azimuth of the last source
     seen, and whether there is one); table (TABLE_AZIMUTHS, PARAMS). Latent by latent (H is small and
     static): a seen source is placed at the frontal azimuth whose table ITD matches the predicted ITD.

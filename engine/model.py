@@ -55,6 +55,12 @@ def save_model(path: Path | str, model: BinauralModel, info: dict | None = None,
     return save_checkpoint(path, tensors, "model", meta)
 
 
+def provenance(info: dict) -> dict:
+    """A loaded checkpoint's info less what save_model and save_checkpoint write themselves: what to
+    carry over when a model is written again (pack, presence)."""
+    return {k: v for k, v in info.items() if k not in ("format", "kind", "vae_config", "flow_config", "sampler", "role")}
+
+
 def load_model(path: Path | str | None = None, device="cpu") -> tuple[BinauralModel, dict]:
     """Load a model checkpoint (default: the shipped one)."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT

@@ -6,8 +6,8 @@ producer's clock. `Resampler` converts at ratio device_rate / 16000 * (1 + corre
 `HeadphoneSink` feeds a preallocated ring that python-rtmixer's C callback plays: the audio thread
 never takes the GIL (a Python callback waiting for it behind the runtime's threads made the JACK
 dummy device skip cycles: 536 in 30 s against 0 for the C callback, measured side by side). The
-correction follows the ring's fill level with a small proportional
-gain, capped at +-0.5% (NetEq's accelerate/decelerate), so the latency stays at its target.
+correction follows the ring's fill level with a small proportional gain, capped at +-0.5% (NetEq's
+accelerate/decelerate), so the latency stays at its target.
 """
 from __future__ import annotations
 
@@ -225,8 +225,7 @@ class HeadphoneSink:
             lost = int((self.missing - self.skipped) / self.ratio)
             self.skipped = self.missing
         if self.target is not None:  # the device stalled (skipped cycles): the backlog is latency, drop it
-            excess = self.ring.read_available / self.device_rate + (self.queued - self.taken) / self.sample_rate \
-                - self.target
+            excess = self.slack() - self.target
             if excess > MAX_EXCESS_SECONDS:
                 lost += int(excess * self.sample_rate)
         lost = min(lost, self.queued - self.taken)

@@ -108,9 +108,8 @@ def two_stage(mono_outputs: list[np.ndarray], scenes: list[EvalScene]) -> list[n
 
 def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     """The metrics of one system over the scene set (see the module docstring)."""
-    from training.metrics import compare, direction_error, meta_tracks, onset_sync
-
-    from training.metrics import DIRECTION_MIN_COHERENCE, cue_errors
+    from training.metrics import (DIRECTION_MIN_COHERENCE, binaural_cues, direction_error, envelope_distance,
+                                  errors_from_cues, meta_tracks, onset_sync, stft_distance)
 
     ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
     refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
@@ -118,7 +117,9 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     for audio, scene in zip(outputs, scenes):
         audio = np.asarray(audio, np.float64)
         if scene.kind == "single":
-            refs.append(compare(scene.audio, audio, scene.sample_rate))
+            ref_cues, cues = binaural_cues(scene.audio, scene.sample_rate), binaural_cues(audio, scene.sample_rate)
+            refs.append({"stft_distance": stft_distance(scene.audio, audio),
+                         "envelope_distance": envelope_distance(scene.audio, audio), **errors_from_cues(ref_cues, cues)})
             d = direction_error(audio, scene.sample_rate, scene.meta)
             series = d["series"]
             _, az, _, _, visible = meta_tracks(scene.meta)
@@ -128,7 +129,7 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
             for found, coherence in subsets.values():
                 try:
-                    found.append(cue_errors(scene.audio, audio, scene.sample_rate, in_view, coherence))
+                    found.append(errors_from_cues(ref_cues, cues, in_view, coherence))
                 except ValueError:  # no such frame in this scene
                     pass
             sync = onset_sync(audio, scene.sample_rate, scene.meta)

@@ -140,12 +140,19 @@ def lateral_from_cues(cues: BinauralCues, head_radius: float = HEAD_RADIUS) -> t
 
 def cue_errors(ref: np.ndarray, est: np.ndarray, sample_rate: int, frames: np.ndarray | None = None,
                min_reference_coherence: float = 0.0) -> dict:
-    """ITD error (us), per-band ILD error (dB) and coherence error on frames where the reference sounds
-    (and `frames`, a (T,) mask over the cue frames, is True, if given; and the reference's interaural
-    coherence is at least `min_reference_coherence`: DIRECTION_MIN_COHERENCE keeps the frames where the
-    direct sound dominates and the reference has an ITD at all, as direction_error does)."""
+    """ITD error (us), per-band ILD error (dB) and coherence error of two binaural signals
+    (errors_from_cues on their cues)."""
     ref, est = _pair(ref, est)
-    a, b = binaural_cues(ref, sample_rate), binaural_cues(est, sample_rate)
+    return errors_from_cues(binaural_cues(ref, sample_rate), binaural_cues(est, sample_rate), frames,
+                            min_reference_coherence)
+
+
+def errors_from_cues(a: BinauralCues, b: BinauralCues, frames: np.ndarray | None = None,
+                     min_reference_coherence: float = 0.0) -> dict:
+    """Cue errors of b against the reference a on frames where the reference sounds (and `frames`, a
+    (T,) mask over the cue frames, is True, if given; and the reference's interaural coherence is at
+    least `min_reference_coherence`: DIRECTION_MIN_COHERENCE keeps the frames where the direct sound
+    dominates and the reference has an ITD at all, as direction_error does)."""
     frames = a.active if frames is None else a.active & frames
     frames = frames & (a.coherence >= min_reference_coherence)
     if not frames.any():

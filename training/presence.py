@@ -123,7 +123,7 @@ def train_presence(model, cache_dir: str, frames: int = 24000, holdout_clips: in
     head = torch.nn.Linear(x.shape[1], 1)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    xs, xhs = (x - mean) / std, (xh - mean) / std
+    xs = (x - mean) / std
     for _ in tqdm(range(epochs), desc="presence head", disable=not progress):
         for idx in torch.randperm(len(xs)).split(1024):
             optimizer.zero_grad()
@@ -141,10 +141,9 @@ def train_presence(model, cache_dir: str, frames: int = 24000, holdout_clips: in
 
 def write_presence(checkpoint: str, cache_dir: str, out: Path | str, **kwargs) -> dict:
     """Load a model checkpoint, turn the hold on, write it to `out` (float32: `visaudio pack` to ship)."""
-    from engine.model import load_model, save_model
+    from engine.model import load_model, provenance, save_model
 
     model, info = load_model(checkpoint)
     held, report = train_presence(model, cache_dir, **kwargs)
-    info = {k: v for k, v in info.items() if k not in ("format", "kind", "vae_config", "flow_config", "sampler", "role")}
-    save_model(out, held, {**info, "presence": report, "presence_from": Path(checkpoint).name})
+    save_model(out, held, {**provenance(info), "presence": report, "presence_from": Path(checkpoint).name})
     return report

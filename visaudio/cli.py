@@ -476,14 +476,13 @@ def cmd_pack(args) -> int:
     import torch
 
     from engine.checkpoint import CheckpointError
-    from engine.model import load_model, save_model
+    from engine.model import load_model, provenance, save_model
 
     try:
         model, info = load_model(args.checkpoint)
     except (CheckpointError, ValueError) as exc:
         return _fail(str(exc))
-    info = {k: v for k, v in info.items() if k not in ("format", "kind", "vae_config", "flow_config", "sampler", "role")}
-    out = save_model(args.out, model, {**info, "packed_from": Path(args.checkpoint).name}, flow_dtype=torch.float16)
+    out = save_model(args.out, model, {**provenance(info), "packed_from": Path(args.checkpoint).name}, flow_dtype=torch.float16)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16)")
     return 0
 
