@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, Conditions, FlowNet
-from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, hold_offscreen, spectral_factors
+from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, hold_offscreen, mix_ears, spectral_factors
 from engine.model import BinauralModel
 from engine.sampling import WindowFlow, couple_ears, sample_euler
 
@@ -47,6 +47,7 @@ class HopGeometry:
     guidance: float
     times: tuple[float, ...] = field(default=(0.0, 1.0))
     hold: bool = False  # the last seen source is held in the world off screen (interaural.hold_offscreen)
+    side: float = 1.0  # share of the centred ears' difference that is decoded (interaural.mix_ears)
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -61,7 +62,8 @@ class HopGeometry:
         return cls(batch, cfg.ears, window, hop, cfg.latent_dim, cfg.latents_per_frame, cfg.frame_size,
                    cfg.grid * cfg.grid, cfg.width, model.vae.cfg.hop, cfg.interaural,
                    model.sampler.guidance if guidance is None else float(guidance),
-                   tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold)
+                   tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold,
+                   model.sampler.interaural_side if cfg.interaural else 1.0)
 
     @property
     def frames(self) -> int:
@@ -172,7 +174,9 @@ class ConditionStep(nn.Module):
 
 
 class DenoiseStep(nn.Module):
-    """The sampler over one hop's horizon, its steps unrolled; noise is an input (reproducible)."""
+    """The sampler over one hop's horizon, its steps unrolled; noise is an input (reproducible). The
+    window ring keeps the latents as generated; the new latents go to the decoder with the centred
+    ears' difference scaled by the sampler's interaural_side (interaural.mix_ears)."""
 
     def __init__(self, flow: FlowNet, geometry: HopGeometry):
         super().__init__()
@@ -192,7 +196,7 @@ class DenoiseStep(nn.Module):
         velocity = WindowFlow(self.flow, shifted, roles, cond, null, g.guidance)
         start = torch.cat([torch.zeros_like(shifted[:, :, :-h]), couple_ears(noise, self.flow.cfg.ear_noise_correlation)], 2)
         new = sample_euler(velocity, start, self.times)[:, :, -h:]
-        return torch.cat([shifted[:, :, :-h], new], dim=2), new
+        return torch.cat([shifted[:, :, :-h], new], dim=2), mix_ears(new, g.side)
 
 
 class DecodeStep(nn.Module):

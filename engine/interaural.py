@@ -117,6 +117,16 @@ def labels(spectra: torch.Tensor, cfg: VAEConfig, bands: torch.Tensor,
     return params, torch.stack([itd_weight, active], dim=-1)
 
 
+def mix_ears(latents: torch.Tensor, side: float) -> torch.Tensor:
+    """Centred ears (B, 2, ...) -> mid + side * (ear - mid), mid = their mean (SamplerConfig.
+    interaural_side). For one source the centred ears should be alike; where the two branches drift
+    apart the difference turns into spurious level differences, which side < 1 removes."""
+    if side == 1.0:
+        return latents
+    mid = latents.mean(dim=1, keepdim=True)
+    return mid + side * (latents - mid)
+
+
 def hold_offscreen(transfer: torch.Tensor, presence: torch.Tensor, yaw: torch.Tensor, held_azimuth: torch.Tensor,
                    held_present: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hop's transfer with the last seen source held in the world (see the module docstring).

@@ -24,6 +24,12 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d
 class SamplerConfig(JsonConfig):
     times: tuple[float, ...] = tuple(i / 25 for i in range(26))  # Euler grid from noise (0) to data (1)
     guidance: float = 4.5  # classifier-free guidance scale (MMAudio's default); 1 = none
+    # Interaural models: how much of the difference between the two generated centred ears reaches the
+    # decoder (engine.interaural.mix_ears). 1 = each ear as generated; 0 = both ears decoded from
+    # their mean, so the ears differ only by the predicted transfer. Measured on validation scenes
+    # (seed 30000, 40 scenes): ILD error on direct frames 2.55 dB at 1, 1.89 at 0.5, 1.45 at 0; IC
+    # error 0.202 / 0.183 / 0.190; ITD unchanged. The shipped checkpoints use 0.
+    interaural_side: float = 1.0
 
     @property
     def evaluations(self) -> int:

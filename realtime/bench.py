@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import threading
 import time
 
@@ -90,6 +91,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
 
     producers = [threading.Thread(target=produce, args=(s,), daemon=True) for s in range(streams)]
     rss.append(_rss_mb())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for p in producers:
         p.start()
     started = time.monotonic()
@@ -109,6 +111,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
                           f"underflows {sink.underflows} (device {sink.device_underflows})", end="", flush=True)
         # (after this the producer is gone and the queue drains)
         underflows, device_underflows = sink.underflows, sink.device_underflows
+        usage_end = resource.getrusage(resource.RUSAGE_SELF)
         time.sleep(0.3)
     finally:
         stop.set()
@@ -164,6 +167,11 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "underflows": underflows, "device_underflows": device_underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
                                                         "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
             "underflow_times_s": [float(t) for t in underflow_times],
+            # kernel work of the whole process while streaming: page faults stall in the kernel, and on a
+            # kernel without full preemption they can delay the audio threads' wake-ups
+            "page_faults": {"minor": usage_end.ru_minflt - usage.ru_minflt, "major": usage_end.ru_majflt - usage.ru_majflt},
+            "context_switches": {"voluntary": usage_end.ru_nvcsw - usage.ru_nvcsw,
+                                 "involuntary": usage_end.ru_nivcsw - usage.ru_nivcsw},
             "concealed_frames": sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values()),
             "rejected": stats["rejected_total"]}
 

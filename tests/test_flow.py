@@ -172,3 +172,30 @@ def test_reset_with_a_mask_forgets_only_those_streams(tiny_models):
     assert state["latent_present"].sum(1).tolist() == [0, 4]
     assert not state["video_present"][0].any() and state["video_present"][1].any()
     assert state["decoder_tail"][0].abs().max() == 0 and state["decoder_tail"][1].abs().max() > 0
+
+
+def test_interaural_side_scales_only_the_decoded_difference_between_the_ears(tiny_models):
+    """interaural_side = 0 decodes both centred ears from their mean; the window ring keeps the latents
+    as generated, so the next hops generate the same latents whatever the setting."""
+    from dataclasses import replace
+
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+
+    model, _ = load_model(tiny_models["student"])
+    rng = np.random.default_rng(1)
+    args = (torch.from_numpy(rng.integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)), torch.ones(1, 2),
+            torch.zeros(1, 4, 3), torch.ones(1, 4), torch.randn(1, 2, 4, 24))
+    runs = {}
+    for side in (1.0, 0.0):
+        model.sampler = replace(model.sampler, interaural_side=side)
+        gen = StreamGenerator(model, 4, 1)
+        state = gen.init_state()
+        for _ in range(3):
+            gen.step(state, *args)
+        runs[side] = (gen.values["new_latents"].clone(), state["latents"].clone())
+    (as_generated, ring), (mixed, ring_mixed) = runs[1.0], runs[0.0]
+    torch.testing.assert_close(ring_mixed, ring)
+    assert (as_generated[:, 0] - as_generated[:, 1]).abs().max() > 1e-3  # the two branches differ
+    torch.testing.assert_close(mixed[:, 0], mixed[:, 1])
+    torch.testing.assert_close(mixed[:, 0], as_generated.mean(dim=1))

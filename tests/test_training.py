@@ -149,3 +149,29 @@ def test_cache_marks_frames_where_a_visible_source_dominates(clip_dir, tmp_path)
               {"t": 0.08, "sources": [src(True, True, -10.0), src(False, True, -13.0)]},
               {"t": 0.12, "sources": [src(True, False, -10.0), src(False, True, -20.0)]}]
     assert visible_dominant(frames).tolist() == [True, False, False, False]
+
+
+def test_pack_sets_the_interaural_side_only_where_it_means_something(tiny_models, tmp_path, capsys):
+    out = tmp_path / "side.safetensors"
+    assert main(["pack", str(tiny_models["student"]), str(out), "--interaural-side", "0"]) == 0
+    assert load_model(out)[0].sampler.interaural_side == 0.0
+    assert main(["pack", str(tiny_models["student"]), str(out), "--interaural-side", "1.5"]) == 2
+    assert "within [0, 1]" in capsys.readouterr().err
+    assert main(["pack", str(tiny_models["mono"]), str(out), "--interaural-side", "0"]) == 2
+    assert "interaural transfer head" in capsys.readouterr().err
+
+
+def test_distillation_keeps_the_frame_encoder_and_transfer_head_of_the_teacher(tiny_models, tmp_path):
+    """The transfer head reads the frame encoder's grid, so both stay the teacher's (DistillConfig.frozen)."""
+    from training.distill import DistillConfig, distill
+
+    teacher, _ = load_model(tiny_models["teacher"])
+    student, _ = load_model(tiny_models["student"])
+    for module in ("frame_encoder", "transfer_head"):
+        for (name, a), b in zip(getattr(teacher.flow, module).state_dict().items(),
+                                getattr(student.flow, module).state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{module}.{name}")
+    assert any(not torch.equal(a, b) for a, b in zip(teacher.flow.joint.parameters(), student.flow.joint.parameters()))
+    with pytest.raises(ValueError, match="frame_encoderr"):
+        distill(DistillConfig(teacher=str(tiny_models["teacher"]), cache=str(tiny_models["cache"]), holdout=1,
+                              frozen=("frame_encoderr",)), tmp_path / "s", progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 DEMO_SCENE = Path(__file__).resolve().parent.parent / "training" / "scenes" / "demo.json"
@@ -331,7 +332,8 @@ def cmd_bench_latency(args) -> int:
               f"deadline misses, {report['underflows']} underflows + {report['device_underflows']} at the device, "
               f"{report['concealed_frames']} concealed frames; RSS "
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
-              f"({report['rss_mb']['growth_percent']:+.1f}%)")
+              f"({report['rss_mb']['growth_percent']:+.1f}%); page faults {report['page_faults']['minor']} minor, "
+              f"{report['page_faults']['major']} major")
     return 0
 
 
@@ -482,8 +484,15 @@ def cmd_pack(args) -> int:
         model, info = load_model(args.checkpoint)
     except (CheckpointError, ValueError) as exc:
         return _fail(str(exc))
+    if args.interaural_side is not None:
+        if not model.flow.cfg.interaural:
+            return _fail(f"{args.checkpoint}: --interaural-side needs a model with the interaural transfer head")
+        if not 0.0 <= args.interaural_side <= 1.0:
+            return _fail(f"--interaural-side must be within [0, 1], got {args.interaural_side}")
+        model.sampler = replace(model.sampler, interaural_side=args.interaural_side)
     out = save_model(args.out, model, {**provenance(info), "packed_from": Path(args.checkpoint).name}, flow_dtype=torch.float16)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16, "
+          f"interaural side {model.sampler.interaural_side:g})")
     return 0
 
 
@@ -694,9 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_flow)
     p = train.add_parser("presence", help="turn on the off-screen hold of a binaural model (presence head + "
                                           "direction table)",
-                         description="Fits, on a frozen model, the presence head (does one visible source dominate "
-                                     "the frame? trained on the cache's visible_dominant mask) and the measured "
-                                     "head's direction table (training/presence.py). Writes a model checkpoint "
+                         description="Fits, on a frozen model, the presence head (is a sounding source on screen? "
+                                     "labelled from the scene engine for its caches) and the measured head's "
+                                     "direction table (training/presence.py). Writes a model checkpoint "
                                      "(float32; `visaudio pack` it to ship).")
     p.add_argument("--checkpoint", required=True, help="binaural model with the interaural head")
     p.add_argument("--cache", default="cache/train")
@@ -742,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="store a model checkpoint with float16 flow weights (for shipping)")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument("--interaural-side", type=float,
+                   help="set the sampler's share of the centred ears' difference that is decoded (0-1; "
+                        "0 = both ears from their mean; see engine.interaural.mix_ears)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("render", help="generate binaural audio for a video (its audio track is ignored), offline",
