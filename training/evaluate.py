@@ -260,8 +260,13 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
                              factors=torch.cat([f for _, f in chunks], -2) if has_factors else None)
     state = model.vae.init_decoder(whole.shape[0])
     streamed = torch.cat([model.vae.decode(z, state, f) for z, f in chunks], dim=-1)
-    return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(peak[at_hop].mean()),
-            "latent_jump": float(peak[~at_hop].mean()), "ratio": float(peak[at_hop].mean() / peak[~at_hop].mean()),
+    hop_jump, latent_jump = peak[at_hop], peak[~at_hop]
+    ratio = hop_jump.mean() / latent_jump.mean()
+    # standard error of the ratio of two independent means (delta method): is a ratio above 1 noise?
+    relative_se = np.hypot(hop_jump.std(ddof=1) / np.sqrt(len(hop_jump)) / hop_jump.mean(),
+                           latent_jump.std(ddof=1) / np.sqrt(len(latent_jump)) / latent_jump.mean())
+    return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(hop_jump.mean()),
+            "latent_jump": float(latent_jump.mean()), "ratio": float(ratio), "ratio_standard_error": float(ratio * relative_se),
             "hop_jump_max": float(peak[at_hop].max()), "latent_jump_max": float(peak[~at_hop].max()),
             "chunked_vs_whole_decode_max_abs": float((streamed - whole).abs().max())}
 
@@ -282,6 +287,7 @@ def format_report(report: dict) -> str:
     if "seams" in report:
         m = report["seams"]
         lines.append(f"seams over {m['seconds']:g} s: hop-boundary jump / in-hop jump = {m['ratio']:.3f} "
+                     f"(+-{m['ratio_standard_error']:.3f} s.e.) "
                      f"(max {m['hop_jump_max']:.4f} vs {m['latent_jump_max']:.4f}); chunked vs whole decode "
                      f"max |diff| {m['chunked_vs_whole_decode_max_abs']:.2e}")
     return "\n".join(lines)
