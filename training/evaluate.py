@@ -267,7 +267,7 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
                            latent_jump.std(ddof=1) / np.sqrt(len(latent_jump)) / latent_jump.mean())
     return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(hop_jump.mean()),
             "latent_jump": float(latent_jump.mean()), "ratio": float(ratio), "ratio_standard_error": float(ratio * relative_se),
-            "hop_jump_max": float(peak[at_hop].max()), "latent_jump_max": float(peak[~at_hop].max()),
+            "hop_jump_max": float(hop_jump.max()), "latent_jump_max": float(latent_jump.max()),
             "chunked_vs_whole_decode_max_abs": float((streamed - whole).abs().max())}
 
 

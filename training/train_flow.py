@@ -82,11 +82,13 @@ class LatentWindows:
                 audio = audio[:, :audio.shape[-1] // vae.cfg.hop * vae.cfg.hop]
                 factors = None
                 if flow_cfg.interaural:  # centred ears: the measured transfer divided out
-                    params, weight = transfer_targets(vae, bands, audio, np.asarray(cache.visible_dominant[i]),
-                                                      flow_cfg.latents_per_frame)
+                    params, weight = interaural_labels(vae.spectra(audio), vae.cfg, bands)
                     factors = spectral_factors(-params, vae.cfg, bands)
+                    # the head learns only where the direction heard can be seen
+                    seen = np.asarray(cache.visible_dominant[i])
+                    latent_seen = seen[np.minimum(np.arange(len(params)) // flow_cfg.latents_per_frame, len(seen) - 1)]
                     transfers.append(params)
-                    weights.append(weight)
+                    weights.append(weight * torch.from_numpy(latent_seen).float()[:, None])
                 latents.append(vae.encode(audio, factors=factors).transpose(-1, -2).half())  # (E, L, D)
                 times = np.arange(cache.pose.shape[1]) / cache.fps
                 poses.append(latent_pose(times, np.asarray(cache.pose[i]), latents[-1].shape[1], rate))
@@ -150,27 +152,11 @@ def training_losses(net, batch: dict, ear_correlation: float,
     err = ((v - (x1 - x0)) ** 2).mean(-1) * horizon[..., 0]  # (B, E, W)
     losses = {"flow": err.sum() / horizon[..., 0].sum().clamp(min=1)}
     if "transfer" in batch:
-        losses["transfer"] = transfer_loss(transfer, batch["transfer"],
-                                           batch["transfer_weight"] * (roles != ROLE_MISSING)[..., None])
+        weight = batch["transfer_weight"] * (roles != ROLE_MISSING)[..., None]  # (B, W, 2)
+        huber = torch.nn.functional.huber_loss(transfer.float(), batch["transfer"], reduction="none")
+        itd, ild = huber[..., 0] * weight[..., 0], huber[..., 1:].mean(-1) * weight[..., 1]
+        losses["transfer"] = itd.sum() / weight[..., 0].sum().clamp(min=1) + ild.sum() / weight[..., 1].sum().clamp(min=1)
     return losses
-
-
-def transfer_targets(vae, bands: torch.Tensor, audio: torch.Tensor, seen: np.ndarray,
-                     latents_per_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transfer head's labels for one binaural clip (interaural.labels): params (L, PARAMS) and
-    weights (L, 2: ITD, ILD), zero outside the frames where one visible source dominates (`seen`, per
-    video frame): the head learns only where the direction heard can be seen."""
-    params, weight = interaural_labels(vae.spectra(audio), vae.cfg, bands)
-    latent_seen = seen[np.minimum(np.arange(len(params)) // latents_per_frame, len(seen) - 1)]
-    return params, weight * torch.from_numpy(latent_seen).float()[:, None]
-
-
-def transfer_loss(predicted: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted Huber loss of transfer params (..., PARAMS) against labels; weight (..., 2) per ITD and
-    ILD, each term normalised by its total weight."""
-    huber = torch.nn.functional.huber_loss(predicted.float(), target, reduction="none")
-    itd, ild = huber[..., 0] * weight[..., 0], huber[..., 1:].mean(-1) * weight[..., 1]
-    return itd.sum() / weight[..., 0].sum().clamp(min=1) + ild.sum() / weight[..., 1].sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------ loop
