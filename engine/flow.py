@@ -60,6 +60,9 @@ class FlowConfig(JsonConfig):
     # Hold the last seen source's world direction while no source is seen (interaural.hold_offscreen):
     # a presence head on the frame grid and a direction table of the measured head. Needs interaural.
     offscreen_hold: bool = False
+    # Attenuate the decoded audio where the frame shows nothing sounding (engine/gate.py): a silence
+    # head on the frame grid. Needs interaural (the gain rides on the decoder's transfer factors).
+    silence_gate: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vision_channels", tuple(self.vision_channels))
@@ -69,6 +72,8 @@ class FlowConfig(JsonConfig):
             raise ValueError("the interaural transfer head needs ears = 2")
         if self.offscreen_hold and not self.interaural:
             raise ValueError("offscreen_hold needs the interaural transfer head (interaural = true)")
+        if self.silence_gate and not self.interaural:
+            raise ValueError("silence_gate needs the interaural transfer head (interaural = true)")
 
     @property
     def frames(self) -> int:
@@ -277,6 +282,8 @@ class FlowNet(nn.Module):
         if cfg.offscreen_hold:  # per frame: is a sounding source on screen? (logit)
             self.presence_head = nn.Linear(cfg.grid * cfg.grid * w, 1)
             self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, TRANSFER_PARAMS))
+        if cfg.silence_gate:  # per frame, logits: a source is on screen; a sounding one is (engine/gate.py)
+            self.silence_head = nn.Linear(cfg.grid * cfg.grid * w, 2)
         self.video_in = nn.Linear(w, w)
         self.latent_in = nn.Linear(cfg.latent_dim, w)
         self.ear_embedding = nn.Parameter(torch.randn(ears, w) * 0.02)

@@ -44,7 +44,8 @@ def generate_batch(model: BinauralModel, frames: np.ndarray, fps: float, poses: 
 
     frames (B, F, H, W, 3) uint8 at `fps`; poses[b] (P, 4) rows t, yaw, pitch, roll or None (unknown);
     stream b draws its noise from seeds[b], so a clip gives the same audio alone or in a batch.
-    If `record` is a list, each hop's (latents (B, E, H, D), transfer (B, W, P) or None) are appended to it.
+    If `record` is a list, each hop's (latents (B, E, H, D), transfer (B, W, P) or None, gate gain (B, H) dB or
+    None) are appended to it.
     Returns (B, E, samples) aligned with the video (the decoder's one-hop lag removed)."""
     runner = StreamGenerator(model, hop_latents, frames.shape[0], times, guidance)
     return run_streams(runner, frames, fps, poses, seeds, model.vae.cfg.sample_rate, progress, record)
@@ -85,7 +86,7 @@ def run_streams(runner: HopRunner, frames: np.ndarray, fps: float, poses: list[n
         out.append(runner.hop(state, f, fp, p, pp, noise.to(device)).cpu())
         if record is not None:
             values = runner.values
-            record.append((values["new_latents"].cpu(), values["transfer"].cpu() if "transfer" in values else None))
+            record.append(tuple(values[n].cpu() if n in values else None for n in ("new_latents", "transfer", "gate_db")))
     tail = state["decoder_tail"].cpu()
     audio = torch.cat(out + [tail], dim=-1)[..., g.vae_hop:]
     return audio[..., :int(round(count_frames / fps * sample_rate))].numpy()

@@ -2,7 +2,7 @@
 
     conditions  new frames + poses, state rings  -> next rings, the window's conditions (per hop)
     denoise     latent ring, noise, conditions   -> next latent ring, the hop's latents (steps unrolled)
-    decode      the hop's latents, transfer, decoder tail -> audio, next tail
+    decode      the hop's latents, transfer, gate gain, decoder tail -> audio, next tail
 
 Each step is a pure function of named tensors (`HopGeometry.signature`), so the torch backend runs the
 modules, `visaudio export` traces the very same modules to ONNX, and `HopRunner` (the host loop:
@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from engine import gate
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, Conditions, FlowNet
 from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, hold_offscreen, mix_ears, spectral_factors
 from engine.model import BinauralModel
@@ -48,6 +49,7 @@ class HopGeometry:
     times: tuple[float, ...] = field(default=(0.0, 1.0))
     hold: bool = False  # the last seen source is held in the world off screen (interaural.hold_offscreen)
     side: float = 1.0  # share of the centred ears' difference that is decoded (interaural.mix_ears)
+    gate: bool = False  # the silence gate's gain goes to the decoder (engine/gate.py)
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -63,7 +65,7 @@ class HopGeometry:
                    cfg.grid * cfg.grid, cfg.width, model.vae.cfg.hop, cfg.interaural,
                    model.sampler.guidance if guidance is None else float(guidance),
                    tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold,
-                   model.sampler.interaural_side if cfg.interaural else 1.0)
+                   model.sampler.interaural_side if cfg.interaural else 1.0, cfg.silence_gate)
 
     @property
     def frames(self) -> int:
@@ -98,7 +100,8 @@ class HopGeometry:
         if self.hold:  # world azimuth of the last source seen, and whether there is one
             state_rings += [("held_azimuth", (b,), "float32"), ("held_present", (b,), "float32")]
         conditions = self.conditions() + (self.conditions("null_") if self.guidance != 1.0 else [])
-        transfer = [("transfer", (b, w, TRANSFER_PARAMS), "float32")] if self.transfer else []
+        per_latent = [("transfer", (b, w, TRANSFER_PARAMS), "float32")] if self.transfer else []  # to the decoder
+        per_latent += [("gate_db", (b, h), "float32")] if self.gate else []  # per new latent
         latents = ("latents", (b, e, w, self.latent_dim), "float32")
         new = ("new_latents", (b, e, h, self.latent_dim), "float32")
         tail = ("decoder_tail", (b, e, self.vae_hop), "float32")
@@ -106,10 +109,10 @@ class HopGeometry:
             "conditions": ([("frames", (b, self.hop_frames, self.frame_size, self.frame_size, 3), "uint8"),
                             ("frame_present", (b, self.hop_frames), "float32"), ("new_pose", (b, h, 3), "float32"),
                             ("new_pose_present", (b, h), "float32"), *state_rings],
-                           [*[(n + "_next", s, t) for n, s, t in state_rings], *conditions, *transfer]),
+                           [*[(n + "_next", s, t) for n, s, t in state_rings], *conditions, *per_latent]),
             "denoise": ([latents, ("noise", (b, e, h, self.latent_dim), "float32"), *conditions],
                         [("latents_next", latents[1], "float32"), new]),
-            "decode": ([new, *transfer, tail], [("audio", (b, e, self.samples), "float32"),
+            "decode": ([new, *per_latent, tail], [("audio", (b, e, self.samples), "float32"),
                                                 ("decoder_tail_next", tail[1], "float32")]),
         }
 
@@ -157,8 +160,9 @@ class ConditionStep(nn.Module):
         seen = roles != ROLE_MISSING
         cond = flow.prepare(grids, video_present > 0.5, pose, (pose_present > 0.5) & seen, roles)
         transfer = cond.transfer
+        new_grids = grids[:, -g.hop_frames:].flatten(2)  # (B, new frames, grid tokens * width)
         if g.hold:
-            presence = flow.presence_head(grids[:, -g.hop_frames:].flatten(2))[..., 0]  # (B, new frames) logits
+            presence = flow.presence_head(new_grids)[..., 0]  # (B, new frames) logits
             presence = torch.where(frame_present > 0.5, presence, -1.0)[:, self.new_frame_of_latent]
             now, *held = hold_offscreen(transfer[:, -g.hop:], presence, new_pose[..., 0], *held, flow.direction_table)
             transfer = torch.cat([transfer[:, :-g.hop], now], dim=1)
@@ -170,6 +174,8 @@ class ConditionStep(nn.Module):
             outs += [getattr(null, n) for n in CONDITION_FIELDS]
         if g.transfer:
             outs.append(transfer)
+        if g.gate:
+            outs.append(gate.gain_db(flow.silence_head(new_grids), frame_present)[:, self.new_frame_of_latent])
         return tuple(outs)
 
 
@@ -200,18 +206,28 @@ class DenoiseStep(nn.Module):
 
 
 class DecodeStep(nn.Module):
-    """The streaming VAE decoder on the hop's latents, with the predicted interaural transfer."""
+    """The streaming VAE decoder on the hop's latents, with the predicted interaural transfer and the
+    silence gate's gain (both per latent frame, on the compressed spectrum)."""
 
     def __init__(self, model: BinauralModel, geometry: HopGeometry):
         super().__init__()
         self.vae, self.g = model.vae, geometry
         self.register_buffer("bands", band_matrix(model.vae.cfg), persistent=False)
 
+    def factors(self, transfer: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor | None:
+        """The hop's per-ear spectral factors (B, 2, H, 2 bins) from the window's transfer (B, W, P)
+        and the gate's gain (B, H) dB; None for a model without the interaural head."""
+        if transfer is None:
+            return None
+        factors = spectral_factors(transfer[:, -self.g.hop:], self.vae.cfg, self.bands)
+        if gain is not None:  # (B, H) dB -> (B, 1 ear, H, 1 bin); the gate needs transfer (FlowConfig)
+            factors = factors * gate.spectral_gain(gain, self.vae.cfg.compress)[:, None, :, None]
+        return factors
+
     def forward(self, new_latents, *rest):
         g = self.g
-        transfer, tail = rest if g.transfer else (None, rest[0])
-        factors = spectral_factors(transfer[:, -g.hop:], self.vae.cfg, self.bands) if transfer is not None else None
-        return self.vae.decode_step(new_latents.transpose(-1, -2), tail, factors)
+        transfer, gain, tail = (rest[0] if g.transfer else None), (rest[1] if g.gate else None), rest[-1]
+        return self.vae.decode_step(new_latents.transpose(-1, -2), tail, self.factors(transfer, gain))
 
 
 def hop_steps(model: BinauralModel, geometry: HopGeometry) -> dict[str, nn.Module]:

@@ -177,23 +177,28 @@ def test_render_through_an_engine_equals_the_checkpoint(tiny_models, clip_dir, t
     assert "engine of batch 2" in capsys.readouterr().err
 
 
-def test_offscreen_hold_exports_and_streams_like_the_generator(tiny_models, tmp_path):
+def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(tiny_models, tmp_path):
     from engine.hop import StreamGenerator
     from engine.model import load_model, save_model
-    from training.presence import train_presence
+    from training.frame_heads import train_presence, train_silence
 
     model, _ = load_model(tiny_models["student"])
-    held, report = train_presence(model, str(tiny_models["cache"]), frames=64, holdout_clips=1, epochs=2, progress=False)
-    assert set(report["held_out"]) == {"accuracy", "base_rate", "precision", "recall"}
-    with torch.no_grad():  # the tiny head is untrained: make it say yes to some random frames and no to others
-        held.flow.presence_head.weight.normal_(generator=torch.Generator().manual_seed(0))
-        held.flow.presence_head.bias.zero_()
+    fit = dict(frames=64, holdout_clips=1, epochs=2, progress=False)
+    held, report = train_presence(model, str(tiny_models["cache"]), **fit)
+    held, gate_report = train_silence(held, str(tiny_models["cache"]), **fit)
+    assert held.flow.cfg.offscreen_hold and held.flow.cfg.silence_gate
+    assert gate_report["labels"] == "on_screen_states" and len(gate_report["held_out"]) == 2
+    assert set(report["held_out"][0]) == {"accuracy", "base_rate", "precision", "recall"}
+    with torch.no_grad():  # the tiny heads are untrained: make them say yes to some random frames and no to others
+        for head in (held.flow.presence_head, held.flow.silence_head):
+            head.weight.normal_(generator=torch.Generator().manual_seed(0))
+            head.bias.zero_()
     path = save_model(tmp_path / "held.safetensors", held)
     export_engine(tmp_path / "engine", path, hop=4, batch=2)
     ort, eager = open_engine(tmp_path / "engine", "onnxruntime", threads=1), open_engine(tmp_path / "engine", "torch", threads=1)
     offline = StreamGenerator(held, 4, 2)
     states = [r.init_state() for r in (ort, eager, offline)]
-    seen = []
+    seen, gains = [], []
     for i in range(6):
         inputs = example_inputs(ort.g, i)
         with torch.no_grad():
@@ -202,7 +207,10 @@ def test_offscreen_hold_exports_and_streams_like_the_generator(tiny_models, tmp_
         outs = [r.hop(s, **inputs) for r, s in zip((ort, eager, offline), states)]
         assert (outs[0] - outs[1]).abs().max() <= 1e-5
         torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)
-    seen = torch.cat(seen, 1)
+        torch.testing.assert_close(ort.values["gate_db"], offline.values["gate_db"], rtol=1e-5, atol=1e-4)
+        gains.append(offline.values["gate_db"])
+    seen, gains = torch.cat(seen, 1), torch.cat(gains, 1)
     assert seen.any() and not seen.all()  # both branches of the hold ran
+    assert (gains > -1).any() and (gains < -10).any()  # the gate both passed and attenuated
     assert states[0]["held_present"].sum() > 0
     torch.testing.assert_close(states[0]["held_azimuth"], states[2]["held_azimuth"], rtol=0, atol=1e-4)

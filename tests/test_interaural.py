@@ -87,7 +87,7 @@ def test_hold_keeps_the_last_seen_source_fixed_in_the_world_as_the_head_turns():
 
 
 def test_direction_table_has_the_measured_heads_cues():
-    from training.presence import direction_table
+    from training.frame_heads import direction_table
 
     table = direction_table(SpectralVAE(VAEConfig()), seconds=1.0)
     itd_us = table[:, 0] * interaural.ITD_UNIT * 1e6

@@ -33,7 +33,7 @@ import torch
 
 from engine.generate import generate_batch
 from engine.geometry import lateral_angle
-from engine.interaural import band_matrix, spectral_factors
+from engine.hop import DecodeStep, HopGeometry
 from engine.model import BinauralModel
 from training.train_vae import EVAL_SEED
 
@@ -236,14 +236,17 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
 
     hop_jump: mean over hop boundaries of the largest sample-to-sample change within the VAE hop
     where the last latent of one hop crossfades into the first of the next; latent_jump: the same
-    statistic at the latent boundaries inside hops. No seams: hop_jump / latent_jump <= 1. Also the
-    largest difference between the chunked (streamed) decode and one whole decode of all latents."""
+    statistic at the latent boundaries inside hops. No seams: hop_jump / latent_jump <= 1. A hop
+    boundary is also a video-frame boundary, where per-frame conditions (the silence gate's gain)
+    change: frame_ratio compares it with the in-hop latent boundaries that are frame boundaries too,
+    which isolates the sliding window. Also the largest difference between the chunked (streamed)
+    decode and one whole decode of all latents."""
     from training.render import render_scene
     from training.sampler import head_turn_scene
     from training.scene_spec import parse_scene
 
     scene = render_scene(parse_scene(head_turn_scene(seed, duration=seconds)))
-    record: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    record: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     audio = generate_batch(model, scene.frames[None], scene.spec.fps, [scene.pose], [seed], hop_latents,
                            record=record)[0]
     vhop = model.vae.cfg.hop
@@ -251,24 +254,35 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
     count = audio.shape[-1] // vhop - 1
     # the crossfade between latents l - 1 and l covers aligned samples [(l - 1) hop, l hop)
     peak = np.array([jumps[(l - 1) * vhop:l * vhop].max() for l in range(1, count)])
-    at_hop = np.arange(1, count) % hop_latents == 0
-    bands = band_matrix(model.vae.cfg)
-    chunks = [(z[0].transpose(-1, -2), None if transfer is None else
-               spectral_factors(transfer[0, -hop_latents:], model.vae.cfg, bands)) for z, transfer in record]
+    boundary = np.arange(1, count)
+    at_hop = boundary % hop_latents == 0
+    in_hop_frame = ~at_hop & (boundary % model.flow.cfg.latents_per_frame == 0)
+    decode = DecodeStep(model, HopGeometry.of(model, hop_latents))
+    chunks = []
+    for z, transfer, gain in record:  # batch of one
+        factors = decode.factors(transfer, gain)
+        chunks.append((z[0].transpose(-1, -2), None if factors is None else factors[0]))
     has_factors = chunks[0][1] is not None
     whole = model.vae.decode(torch.cat([z for z, _ in chunks], -1),
                              factors=torch.cat([f for _, f in chunks], -2) if has_factors else None)
     state = model.vae.init_decoder(whole.shape[0])
     streamed = torch.cat([model.vae.decode(z, state, f) for z, f in chunks], dim=-1)
     hop_jump, latent_jump = peak[at_hop], peak[~at_hop]
-    ratio = hop_jump.mean() / latent_jump.mean()
-    # standard error of the ratio of two independent means (delta method): is a ratio above 1 noise?
-    relative_se = np.hypot(hop_jump.std(ddof=1) / np.sqrt(len(hop_jump)) / hop_jump.mean(),
-                           latent_jump.std(ddof=1) / np.sqrt(len(latent_jump)) / latent_jump.mean())
+    ratio, ratio_se = _mean_ratio(hop_jump, latent_jump)
+    frame_ratio, frame_ratio_se = _mean_ratio(hop_jump, peak[in_hop_frame]) if in_hop_frame.any() else (None, None)
     return {"seconds": seconds, "hop_latents": hop_latents, "hop_jump": float(hop_jump.mean()),
-            "latent_jump": float(latent_jump.mean()), "ratio": float(ratio), "ratio_standard_error": float(ratio * relative_se),
+            "latent_jump": float(latent_jump.mean()), "ratio": ratio, "ratio_standard_error": ratio_se,
+            "frame_ratio": frame_ratio, "frame_ratio_standard_error": frame_ratio_se,
             "hop_jump_max": float(hop_jump.max()), "latent_jump_max": float(latent_jump.max()),
             "chunked_vs_whole_decode_max_abs": float((streamed - whole).abs().max())}
+
+
+def _mean_ratio(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """mean(a) / mean(b) and its standard error (delta method, independent samples): is a ratio
+    above 1 noise?"""
+    ratio = a.mean() / b.mean()
+    relative_se = np.hypot(a.std(ddof=1) / np.sqrt(len(a)) / a.mean(), b.std(ddof=1) / np.sqrt(len(b)) / b.mean())
+    return float(ratio), float(ratio * relative_se)
 
 
 def format_report(report: dict) -> str:
@@ -287,8 +301,10 @@ def format_report(report: dict) -> str:
     if "seams" in report:
         m = report["seams"]
         lines.append(f"seams over {m['seconds']:g} s: hop-boundary jump / in-hop jump = {m['ratio']:.3f} "
-                     f"(+-{m['ratio_standard_error']:.3f} s.e.) "
-                     f"(max {m['hop_jump_max']:.4f} vs {m['latent_jump_max']:.4f}); chunked vs whole decode "
+                     f"(+-{m['ratio_standard_error']:.3f} s.e.)"
+                     + (f", / in-hop frame-boundary jump = {m['frame_ratio']:.3f} (+-{m['frame_ratio_standard_error']:.3f})"
+                        if m.get("frame_ratio") is not None else "") +
+                     f" (max {m['hop_jump_max']:.4f} vs {m['latent_jump_max']:.4f}); chunked vs whole decode "
                      f"max |diff| {m['chunked_vs_whole_decode_max_abs']:.2e}")
     return "\n".join(lines)
 

@@ -410,19 +410,20 @@ def cmd_train_flow(args) -> int:
     return 0
 
 
-def cmd_train_presence(args) -> int:
+def cmd_train_frame_head(args) -> int:
     from engine.checkpoint import CheckpointError
-    from training.presence import write_presence
+    from training.frame_heads import write_frame_head
 
     _threads(args)
     try:
-        report = write_presence(args.checkpoint, args.cache, args.out, frames=args.frames, epochs=args.epochs)
+        report = write_frame_head(args.head, args.checkpoint, args.cache, args.out, frames=args.frames,
+                                  epochs=args.epochs)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
-    held = report["held_out"]
-    print(f"presence head, held-out frames: accuracy {held['accuracy']:.3f} (always 'none': "
-          f"{1 - held['base_rate']:.3f}), precision {held['precision']:.3f}, recall {held['recall']:.3f}; "
-          f"{report['seconds']:.0f} s")
+    print(f"{args.head} head, held-out frames ({report['labels']}; {report['seconds']:.0f} s):")
+    for held in report["held_out"]:
+        print(f"  accuracy {held['accuracy']:.3f} (always 'no': {1 - held['base_rate']:.3f}), precision "
+              f"{held['precision']:.3f}, recall {held['recall']:.3f}")
     print(f"wrote {args.out}")
     return 0
 
@@ -701,19 +702,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_train_flow)
-    p = train.add_parser("presence", help="turn on the off-screen hold of a binaural model (presence head + "
-                                          "direction table)",
-                         description="Fits, on a frozen model, the presence head (is a sounding source on screen? "
-                                     "labelled from the scene engine for its caches) and the measured head's "
-                                     "direction table (training/presence.py). Writes a model checkpoint "
-                                     "(float32; `visaudio pack` it to ship).")
-    p.add_argument("--checkpoint", required=True, help="binaural model with the interaural head")
-    p.add_argument("--cache", default="cache/train")
-    p.add_argument("--out", required=True)
-    p.add_argument("--frames", type=int, default=24000, help="training frames sampled from the cache")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_train_presence)
+    heads = {"presence": ("turn on the off-screen hold of a binaural model (presence head + direction table)",
+                          "Fits, on a frozen model, the presence head (is a sounding source on screen? labelled from "
+                          "the scene engine for its caches) and the measured head's direction table."),
+             "silence": ("turn on the silence gate of a binaural model (engine/gate.py)",
+                         "Fits, on a frozen model, the silence head (is nothing audible in this frame? labelled "
+                         "from the cache's audio): the decoder attenuates where it says so.")}
+    for head, (summary, description) in heads.items():
+        p = train.add_parser(head, help=summary,
+                             description=f"{description} (training/frame_heads.py). Writes a model checkpoint "
+                                         "(float32; `visaudio pack` it to ship).")
+        p.add_argument("--checkpoint", required=True, help="binaural model with the interaural head")
+        p.add_argument("--cache", default="cache/train")
+        p.add_argument("--out", required=True)
+        p.add_argument("--frames", type=int, default=24000, help="training frames sampled from the cache")
+        p.add_argument("--epochs", type=int, default=60)
+        p.add_argument("--threads", type=int)
+        p.set_defaults(func=cmd_train_frame_head, head=head)
 
     p = sub.add_parser("distill", help="distil a teacher into a few-step student (guidance folded in)",
                        description="Trajectory distillation (training/distill.py). Config: JSON/YAML with the "

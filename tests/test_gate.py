@@ -1,0 +1,52 @@
+"""The silence gate (engine/gate.py): its labels, its gain, and the decoder applying it."""
+import numpy as np
+import pytest
+import torch
+
+from engine import gate
+from engine.interaural import PARAMS as TRANSFER_PARAMS
+
+
+def test_labels_mark_the_frames_far_below_the_loudest_as_silent():
+    sr, fps, frames = 16000, 25.0, 20
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((2, sr * frames // 25)) * 1e-3  # a -60 dB floor
+    spf = sr // 25
+    audio[:, 5 * spf:10 * spf] *= 1000.0  # loud in frames 5-9
+    audio[:, 14 * spf:15 * spf] *= 100.0  # 20 dB down in frame 14: not silent
+    labels = gate.silence_labels(audio, sr, fps, frames)
+    expected = np.ones(frames, bool)
+    expected[5:10] = False
+    expected[14] = False
+    np.testing.assert_array_equal(labels, expected)
+    # audio shorter than the frames: the frames past its end are silent, not an error
+    assert gate.silence_labels(audio[:, :12 * spf], sr, fps, frames)[12:].all()
+
+
+def test_gain_is_the_floor_only_when_a_silent_source_is_surely_on_screen():
+    big = 20.0
+    logits = torch.tensor([[big, -big], [big, big], [-big, -big], [0.0, 0.0]])  # (on screen, sounding)
+    db = gate.gain_db(logits, torch.ones(4))
+    np.testing.assert_allclose(db.numpy(), [gate.FLOOR_DB, 0.0, 0.0, gate.FLOOR_DB / 4], atol=1e-3)
+    assert (gate.gain_db(logits, torch.zeros(4)) == 0).all()  # a missing frame is never silenced
+
+
+@pytest.mark.parametrize("db", [-20.0, -6.0])
+def test_decoder_scales_both_ears_by_the_gain_and_keeps_the_interaural_transfer(tiny_models, db):
+    from engine.hop import DecodeStep, HopGeometry
+    from engine.model import load_model
+
+    model, _ = load_model(tiny_models["student"])
+    plain = HopGeometry.of(model, hop=4)
+    gated = HopGeometry(**{**plain.__dict__, "gate": True})
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 2, 4, plain.latent_dim, generator=g)
+    transfer = torch.randn(1, plain.window, TRANSFER_PARAMS, generator=g)
+    tail = torch.randn(1, 2, plain.vae_hop, generator=g)
+    ref, ref_tail = DecodeStep(model, plain)(latents, transfer, tail)
+    unity, unity_tail = DecodeStep(model, gated)(latents, transfer, torch.zeros(1, 4), tail)
+    torch.testing.assert_close(unity, ref, rtol=0, atol=0)
+    # a constant gain on every latent: the frames' overlap-add (tail included) scales exactly by it
+    quiet, quiet_tail = DecodeStep(model, gated)(latents, transfer, torch.full((1, 4), db), tail * 10 ** (db / 20))
+    torch.testing.assert_close(quiet, ref * 10 ** (db / 20), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(quiet_tail, ref_tail * 10 ** (db / 20), rtol=1e-4, atol=1e-6)
