@@ -11,11 +11,12 @@ loudness envelope is predicted from the frames and imposed explicitly:
   sources on screen are all silent, as the product of two logistic factors: a source is on screen,
   and none of those on screen sounds (a sounding source is drawn larger and brighter). One logistic
   regression on the conjunction itself scored no better than always saying 'no' (held-out accuracy
-  0.844 against 0.842); the factors are each close to linear in the grid (0.944, 0.874). Adding the
-  grid's change since the frame before (the onset flash) did not help (0.844 for "sounding"; onsets
-  0.69 vs 0.70 on 40 scenes). The scene engine's caches label both factors from the scene; for real
-  clips "sounding" is measured on the audio (`silence_labels`: the mix SILENT_BELOW_DB under the
-  clip's loudest frame);
+  0.844 against 0.842); the factors are each close to linear in the grid (0.944, 0.874). The second
+  has the off-screen hold's presence label; the heads stay apart so that each feature stands alone.
+  Adding the grid's change since the frame before (the onset flash) did not help (0.844 for
+  "sounding"; onsets 0.69 vs 0.70 on 40 scenes). The scene engine's caches label both factors from
+  the scene; for real clips "sounding" is measured on the audio (`silence_labels`: the mix
+  SILENT_BELOW_DB under the clip's loudest frame);
 * the decoder scales both ears of each latent frame by FLOOR_DB * p dB (the gain's expectation in dB),
   in the compressed spectrum, where the interaural transfer is applied too. The same factor on both
   ears leaves ITD, ILD and coherence as they were.
