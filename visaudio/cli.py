@@ -706,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "Fits, on a frozen model, the presence head (is a sounding source on screen? labelled from "
                           "the scene engine for its caches) and the measured head's direction table."),
              "silence": ("turn on the silence gate of a binaural model (engine/gate.py)",
-                         "Fits, on a frozen model, the silence head (is nothing audible in this frame? labelled "
-                         "from the cache's audio): the decoder attenuates where it says so.")}
+                         "Fits, on a frozen model, the silence head (is a source on screen? is a sounding one? "
+                         "labelled from the scene engine for its caches, else from the audio level): the decoder "
+                         "attenuates where the view shows only silent sources.")}
     for head, (summary, description) in heads.items():
         p = train.add_parser(head, help=summary,
                              description=f"{description} (training/frame_heads.py). Writes a model checkpoint "
