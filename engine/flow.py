@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import JsonConfig
+from engine.gate import SilenceHead
 from engine.interaural import PARAMS as TRANSFER_PARAMS, TABLE_AZIMUTHS
 
 ROLE_HORIZON, ROLE_CONTEXT, ROLE_MISSING = 0, 1, 2  # per latent position of a window
@@ -283,7 +284,7 @@ class FlowNet(nn.Module):
             self.presence_head = nn.Linear(cfg.grid * cfg.grid * w, 1)
             self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, TRANSFER_PARAMS))
         if cfg.silence_gate:  # per frame, logits: a source is on screen; a sounding one is (engine/gate.py)
-            self.silence_head = nn.Linear(cfg.grid * cfg.grid * w, 2)
+            self.silence_head = SilenceHead()
         self.video_in = nn.Linear(w, w)
         self.latent_in = nn.Linear(cfg.latent_dim, w)
         self.ear_embedding = nn.Parameter(torch.randn(ears, w) * 0.02)

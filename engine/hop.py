@@ -160,9 +160,8 @@ class ConditionStep(nn.Module):
         seen = roles != ROLE_MISSING
         cond = flow.prepare(grids, video_present > 0.5, pose, (pose_present > 0.5) & seen, roles)
         transfer = cond.transfer
-        new_grids = grids[:, -g.hop_frames:].flatten(2)  # (B, new frames, grid tokens * width)
         if g.hold:
-            presence = flow.presence_head(new_grids)[..., 0]  # (B, new frames) logits
+            presence = flow.presence_head(grids[:, -g.hop_frames:].flatten(2))[..., 0]  # (B, new frames) logits
             presence = torch.where(frame_present > 0.5, presence, -1.0)[:, self.new_frame_of_latent]
             now, *held = hold_offscreen(transfer[:, -g.hop:], presence, new_pose[..., 0], *held, flow.direction_table)
             transfer = torch.cat([transfer[:, :-g.hop], now], dim=1)
@@ -175,7 +174,7 @@ class ConditionStep(nn.Module):
         if g.transfer:
             outs.append(transfer)
         if g.gate:
-            outs.append(gate.gain_db(flow.silence_head(new_grids), frame_present)[:, self.new_frame_of_latent])
+            outs.append(gate.gain_db(flow.silence_head(frames), frame_present)[:, self.new_frame_of_latent])
         return tuple(outs)
 
 

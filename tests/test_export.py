@@ -178,7 +178,7 @@ def test_render_through_an_engine_equals_the_checkpoint(tiny_models, clip_dir, t
 
 
 def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(tiny_models, tmp_path):
-    from engine.hop import StreamGenerator
+    from engine.hop import HopGeometry, StreamGenerator
     from engine.model import load_model, save_model
     from training.frame_heads import train_presence, train_silence
 
@@ -190,9 +190,16 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
     assert gate_report["labels"] == "on_screen_states" and len(gate_report["held_out"]) == 2
     assert set(report["held_out"][0]) == {"accuracy", "base_rate", "precision", "recall"}
     with torch.no_grad():  # the tiny heads are untrained: make them say yes to some random frames and no to others
-        for head in (held.flow.presence_head, held.flow.silence_head):
+        for head in (held.flow.presence_head, held.flow.silence_head.out):
             head.weight.normal_(generator=torch.Generator().manual_seed(0))
             head.bias.zero_()
+        # the silence logits of this test's frames, centred on their median and spread to +-10
+        frames = torch.cat([example_inputs(HopGeometry.of(held, 4, 2), i)["frames"] for i in range(6)], 1)
+        logits = held.flow.silence_head(frames).flatten(0, 1)
+        out = held.flow.silence_head.out
+        scale = 10.0 / logits.std(0)
+        out.weight.mul_(scale[:, None])
+        out.bias.copy_(-logits.median(0).values * scale)
     path = save_model(tmp_path / "held.safetensors", held)
     export_engine(tmp_path / "engine", path, hop=4, batch=2)
     ort, eager = open_engine(tmp_path / "engine", "onnxruntime", threads=1), open_engine(tmp_path / "engine", "torch", threads=1)
@@ -207,7 +214,7 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
         outs = [r.hop(s, **inputs) for r, s in zip((ort, eager, offline), states)]
         assert (outs[0] - outs[1]).abs().max() <= 1e-5
         torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)
-        torch.testing.assert_close(ort.values["gate_db"], offline.values["gate_db"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ort.values["gate_db"], offline.values["gate_db"], rtol=1e-3, atol=1e-3)  # dB
         gains.append(offline.values["gate_db"])
     seen, gains = torch.cat(seen, 1), torch.cat(gains, 1)
     assert seen.any() and not seen.all()  # both branches of the hold ran

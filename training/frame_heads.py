@@ -1,8 +1,9 @@
 """Heads fitted on a frozen binaural model's frame grid: `visaudio train presence` turns on the
 off-screen hold (engine/interaural.py), `visaudio train silence` the silence gate (engine/gate.py).
 
-Each head is a logistic regression on the frame encoder's spatial grid (`fit_frame_head`): the grid
-already says where things are and how they look, so a few thousand labelled frames fit it in a minute.
+The presence head is a logistic regression on the frame encoder's spatial grid: the grid already
+says where things are, so a few thousand labelled frames fit it in a minute. The silence head is a
+small CNN on the pixels (engine/gate.py says why). One fitting loop serves both (`fit_frame_head`).
 The off-screen hold has two parts:
 
 * the direction table: the measured head's interaural transfer for every azimuth (1 degree apart,
@@ -126,13 +127,18 @@ def with_head(model, **flags):
     return BinauralModel(model.vae, flow.eval(), model.sampler, model.role).eval(), sorted(missing)
 
 
+def _logits(head: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([head(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
 def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name: str, frames: int = 24000,
-                   holdout_clips: int = 32, epochs: int = 60, lr: float = 3e-3, seed: int = 0,
+                   holdout_clips: int = 32, epochs: int = 60, lr: float = 3e-3, batch: int = 1024, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Fit `head` (grid features -> K logits; a Linear) in place, from a fresh initialisation, on
-    `frames` random cache frames with their `labels` (N, F, K); the last `holdout_clips` clips are held
-    out. Plain cross-entropy per logit, no class reweighting. Returns the report (scores of each logit
-    on the training and held-out frames)."""
+    """Fit `head` in place, from a fresh initialisation, on `frames` random cache frames with their
+    `labels` (N, F, K); the last `holdout_clips` clips are held out. A Linear head reads the flow's
+    frame grid (standardised for the fit, the scaling folded into it afterwards); any other module
+    reads the frames' pixels. Plain cross-entropy per logit, no class reweighting. Returns the report
+    (scores of each logit on the training and held-out frames)."""
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -140,22 +146,30 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
     torch.manual_seed(seed)
     train = sample_frames(cache, labels, range(len(cache) - holdout_clips), frames, rng)
     held = sample_frames(cache, labels, range(len(cache) - holdout_clips, len(cache)), max(frames // 8, 1), rng)
-    x, y = grid_features(flow, train[0]), torch.from_numpy(train[1]).float()
-    xh, yh = grid_features(flow, held[0]), torch.from_numpy(held[1]).float()
-    mean, std = x.mean(0), x.std(0) + 1e-6  # standardised inputs, folded into the first layer afterwards
-    head.reset_parameters()
+    y, yh = torch.from_numpy(train[1]).float(), torch.from_numpy(held[1]).float()
+    on_grid = isinstance(head, torch.nn.Linear)
+    if on_grid:
+        x, xh = grid_features(flow, train[0]), grid_features(flow, held[0])
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        inputs = (x - mean) / std
+    else:
+        x, xh = torch.from_numpy(train[0]), torch.from_numpy(held[0])
+        inputs = x
+    for layer in head.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    xs = (x - mean) / std
     for _ in tqdm(range(epochs), desc=f"{name} head", disable=not progress):
-        for idx in torch.randperm(len(xs)).split(1024):
+        for idx in torch.randperm(len(inputs)).split(batch):
             optimizer.zero_grad()
-            loss_fn(head(xs[idx]), y[idx]).backward()
+            loss_fn(head(inputs[idx]), y[idx]).backward()
             optimizer.step()
     with torch.no_grad():
-        head.bias.sub_(head.weight @ (mean / std))
-        head.weight.div_(std)
-        fitted, held_logits = head(x), head(xh)
+        if on_grid:
+            head.bias.sub_(head.weight @ (mean / std))
+            head.weight.div_(std)
+        fitted, held_logits = _logits(head, x), _logits(head, xh)
         return {"train": [scores(fitted[:, k], y[:, k]) for k in range(y.shape[1])],
                 "held_out": [scores(held_logits[:, k], yh[:, k]) for k in range(y.shape[1])], "frames": frames,
                 "held_out_frames": len(yh), "epochs": epochs, "seconds": round(time.monotonic() - started, 1)}
@@ -176,15 +190,18 @@ def train_presence(model, cache_dir: str, progress: bool = True, **fit) -> tuple
     return out, {**report, "labels": label_name}
 
 
-def train_silence(model, cache_dir: str, progress: bool = True, **fit) -> tuple[object, dict]:
-    """A copy of `model` with silence_gate on and a trained silence head (engine/gate.py)."""
+def train_silence(model, cache_dir: str, progress: bool = True, frames: int = 48000, epochs: int = 6,
+                  lr: float = 2e-3, batch: int = 256, **fit) -> tuple[object, dict]:
+    """A copy of `model` with silence_gate on and a trained silence head (engine/gate.py): the CNN
+    learns from pixels, so more frames and fewer, smaller-batch epochs than a grid head."""
     from training.scene_cache import load_cache
 
     out, missing = with_head(model, silence_gate=True)
     assert missing and all(k.startswith("silence_head.") for k in missing), missing
     cache = load_cache(cache_dir)
     labels, label_name = silence_labels(cache, cache_dir)
-    report = fit_frame_head(out.flow.silence_head, out.flow, cache, labels, "silence", progress=progress, **fit)
+    report = fit_frame_head(out.flow.silence_head, out.flow, cache, labels, "silence", frames=frames, epochs=epochs,
+                            lr=lr, batch=batch, progress=progress, **fit)
     return out, {**report, "labels": label_name}
 
 

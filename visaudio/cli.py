@@ -416,8 +416,8 @@ def cmd_train_frame_head(args) -> int:
 
     _threads(args)
     try:
-        report = write_frame_head(args.head, args.checkpoint, args.cache, args.out, frames=args.frames,
-                                  epochs=args.epochs)
+        fit = {k: v for k, v in (("frames", args.frames), ("epochs", args.epochs)) if v is not None}
+        report = write_frame_head(args.head, args.checkpoint, args.cache, args.out, **fit)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     print(f"{args.head} head, held-out frames ({report['labels']}; {report['seconds']:.0f} s):")
@@ -706,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "Fits, on a frozen model, the presence head (is a sounding source on screen? labelled from "
                           "the scene engine for its caches) and the measured head's direction table."),
              "silence": ("turn on the silence gate of a binaural model (engine/gate.py)",
-                         "Fits, on a frozen model, the silence head (is a source on screen? is a sounding one? "
-                         "labelled from the scene engine for its caches, else from the audio level): the decoder "
-                         "attenuates where the view shows only silent sources.")}
+                         "Fits, on a frozen model, the silence head (a small CNN on the frames: is a source on "
+                         "screen? is a sounding one? labelled from the scene engine for its caches, else from the "
+                         "audio level): the decoder attenuates where the view shows only silent sources.")}
     for head, (summary, description) in heads.items():
         p = train.add_parser(head, help=summary,
                              description=f"{description} (training/frame_heads.py). Writes a model checkpoint "
@@ -716,8 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="binaural model with the interaural head")
         p.add_argument("--cache", default="cache/train")
         p.add_argument("--out", required=True)
-        p.add_argument("--frames", type=int, default=24000, help="training frames sampled from the cache")
-        p.add_argument("--epochs", type=int, default=60)
+        p.add_argument("--frames", type=int, help="training frames sampled from the cache (default: presence "
+                                                  "24000, silence 48000)")
+        p.add_argument("--epochs", type=int, help="default: presence 60, silence 6")
         p.add_argument("--threads", type=int)
         p.set_defaults(func=cmd_train_frame_head, head=head)
 
