@@ -61,8 +61,8 @@ class FlowConfig(JsonConfig):
     # Hold the last seen source's world direction while no source is seen (interaural.hold_offscreen):
     # a presence head on the frame grid and a direction table of the measured head. Needs interaural.
     offscreen_hold: bool = False
-    # Attenuate the decoded audio where the frame shows nothing sounding (engine/gate.py): a silence
-    # head on the frame grid. Needs interaural (the gain rides on the decoder's transfer factors).
+    # Attenuate the decoded audio where the frame shows only silent sources (engine/gate.py): a small
+    # CNN on each frame's pixels. Needs interaural (the gain rides on the decoder's transfer factors).
     silence_gate: bool = False
 
     def __post_init__(self):

@@ -12,12 +12,11 @@ loudness envelope is predicted from the frames and imposed explicitly:
   source is on screen, and none of those on screen sounds (a sounding source is drawn larger and
   brighter). Logistic factors on the flow's frozen 4 x 4 frame grid (held-out frame accuracy 0.944
   and 0.874) gave onsets within 40 ms on 0.765 of the events of 40 validation scenes (seed 30000, 98
-  events); the CNN, which sees the few pixels of a far source (0.966 and 0.920), 0.878. One logistic
-  regression on the conjunction itself scored no
-  better than always saying 'no' (0.844 against 0.842), and adding the grid's change since the frame
-  before (the onset flash) did not help. The scene engine's caches label both factors from the
-  scene; for real clips "sounding" is measured on the audio (`silence_labels`: the mix
-  SILENT_BELOW_DB under the clip's loudest frame);
+  events); the CNN, which sees the few pixels of a far source (0.966 and 0.920), 0.878. One
+  logistic regression on the conjunction itself scored no better than always saying 'no' (0.844
+  against 0.842), and adding the grid's change since the frame before (the onset flash) did not
+  help. The scene engine's caches label both factors from the scene; for real clips "sounding" is
+  measured on the audio (`silence_labels`: the mix SILENT_BELOW_DB under the clip's loudest frame);
 * the decoder scales both ears of each latent frame by FLOOR_DB * p dB (the gain's expectation in dB),
   in the compressed spectrum, where the interaural transfer is applied too. The same factor on both
   ears leaves ITD, ILD and coherence as they were.

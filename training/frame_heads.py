@@ -1,4 +1,4 @@
-"""Heads fitted on a frozen binaural model's frame grid: `visaudio train presence` turns on the
+"""Per-frame heads fitted on a frozen binaural model: `visaudio train presence` turns on the
 off-screen hold (engine/interaural.py), `visaudio train silence` the silence gate (engine/gate.py).
 
 The presence head is a logistic regression on the frame encoder's spatial grid: the grid already
