@@ -62,7 +62,7 @@ class FlowConfig(JsonConfig):
     # a presence head on the frame grid and a direction table of the measured head. Needs interaural.
     offscreen_hold: bool = False
     # Attenuate the decoded audio where the frame shows only silent sources (engine/gate.py): a small
-    # CNN on each frame's pixels. Needs interaural (the gain rides on the decoder's transfer factors).
+    # CNN on each frame's pixels; its gain goes on the decoded waveform.
     silence_gate: bool = False
 
     def __post_init__(self):
@@ -73,8 +73,6 @@ class FlowConfig(JsonConfig):
             raise ValueError("the interaural transfer head needs ears = 2")
         if self.offscreen_hold and not self.interaural:
             raise ValueError("offscreen_hold needs the interaural transfer head (interaural = true)")
-        if self.silence_gate and not self.interaural:
-            raise ValueError("silence_gate needs the interaural transfer head (interaural = true)")
 
     @property
     def frames(self) -> int:

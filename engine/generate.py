@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.hop import HopRunner, StreamGenerator
+from engine.hop import HopRunner, StreamGenerator, decoder_flush
 from engine.model import BinauralModel
 
 
@@ -87,6 +87,6 @@ def run_streams(runner: HopRunner, frames: np.ndarray, fps: float, poses: list[n
         if record is not None:
             values = runner.values
             record.append(tuple(values[n].cpu() if n in values else None for n in ("new_latents", "transfer", "gate_db")))
-    tail = state["decoder_tail"].cpu()
+    tail = decoder_flush(g, state).cpu()
     audio = torch.cat(out + [tail], dim=-1)[..., g.vae_hop:]
     return audio[..., :int(round(count_frames / fps * sample_rate))].numpy()

@@ -2,7 +2,7 @@
 
     conditions  new frames + poses, state rings  -> next rings, the window's conditions (per hop)
     denoise     latent ring, noise, conditions   -> next latent ring, the hop's latents (steps unrolled)
-    decode      the hop's latents, transfer, gate gain, decoder tail -> audio, next tail
+    decode      the hop's latents, transfer, gate gain, decoder tail (+ gate) -> audio, next tail (+ gate)
 
 Each step is a pure function of named tensors (`HopGeometry.signature`), so the torch backend runs the
 modules, `visaudio export` traces the very same modules to ONNX, and `HopRunner` (the host loop:
@@ -50,6 +50,7 @@ class HopGeometry:
     hold: bool = False  # the last seen source is held in the world off screen (interaural.hold_offscreen)
     side: float = 1.0  # share of the centred ears' difference that is decoded (interaural.mix_ears)
     gate: bool = False  # the silence gate's gain goes to the decoder (engine/gate.py)
+    sample_rate: int = 16000
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -65,7 +66,8 @@ class HopGeometry:
                    cfg.grid * cfg.grid, cfg.width, model.vae.cfg.hop, cfg.interaural,
                    model.sampler.guidance if guidance is None else float(guidance),
                    tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold,
-                   model.sampler.interaural_side if cfg.interaural else 1.0, cfg.silence_gate)
+                   model.sampler.interaural_side if cfg.interaural else 1.0, cfg.silence_gate,
+                   model.vae.cfg.sample_rate)
 
     @property
     def frames(self) -> int:
@@ -104,7 +106,9 @@ class HopGeometry:
         per_latent += [("gate_db", (b, h), "float32")] if self.gate else []  # per new latent
         latents = ("latents", (b, e, w, self.latent_dim), "float32")
         new = ("new_latents", (b, e, h, self.latent_dim), "float32")
-        tail = ("decoder_tail", (b, e, self.vae_hop), "float32")
+        tails = [("decoder_tail", (b, e, self.vae_hop), "float32")]
+        # the gate's gains of the two latents before the hop: output block l eases from latent l - 2's to l - 1's
+        tails += [("decoder_gate", (b, 2), "float32")] if self.gate else []
         return {
             "conditions": ([("frames", (b, self.hop_frames, self.frame_size, self.frame_size, 3), "uint8"),
                             ("frame_present", (b, self.hop_frames), "float32"), ("new_pose", (b, h, 3), "float32"),
@@ -112,8 +116,8 @@ class HopGeometry:
                            [*[(n + "_next", s, t) for n, s, t in state_rings], *conditions, *per_latent]),
             "denoise": ([latents, ("noise", (b, e, h, self.latent_dim), "float32"), *conditions],
                         [("latents_next", latents[1], "float32"), new]),
-            "decode": ([new, *per_latent, tail], [("audio", (b, e, self.samples), "float32"),
-                                                ("decoder_tail_next", tail[1], "float32")]),
+            "decode": ([new, *per_latent, *tails], [("audio", (b, e, self.samples), "float32"),
+                                                   *[(n + "_next", s, t) for n, s, t in tails]]),
         }
 
     def state(self) -> list[tuple[str, tuple[int, ...], str]]:
@@ -205,28 +209,50 @@ class DenoiseStep(nn.Module):
 
 
 class DecodeStep(nn.Module):
-    """The streaming VAE decoder on the hop's latents, with the predicted interaural transfer and the
-    silence gate's gain (both per latent frame, on the compressed spectrum)."""
+    """The streaming VAE decoder on the hop's latents with the predicted interaural transfer (per
+    latent frame, on the compressed spectrum), then the silence gate's gain on the waveform: each
+    decoded block takes its latent's video frame's gain from that frame's first sample on, eased in
+    over gate.RAMP_SECONDS, so a visible onset is as sharp as the truth's."""
 
     def __init__(self, model: BinauralModel, geometry: HopGeometry):
         super().__init__()
         self.vae, self.g = model.vae, geometry
         self.register_buffer("bands", band_matrix(model.vae.cfg), persistent=False)
+        self.register_buffer("ease", gate.ease(geometry.vae_hop, geometry.sample_rate), persistent=False)
 
-    def factors(self, transfer: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor | None:
-        """The hop's per-ear spectral factors (B, 2, H, 2 bins) from the window's transfer (B, W, P)
-        and the gate's gain (B, H) dB; None for a model without the interaural head."""
+    def factors(self, transfer: torch.Tensor | None) -> torch.Tensor | None:
+        """The hop's per-ear spectral factors (B, 2, H, 2 bins) from the window's transfer (B, W, P);
+        None for a model without the interaural head."""
         if transfer is None:
             return None
-        factors = spectral_factors(transfer[:, -self.g.hop:], self.vae.cfg, self.bands)
-        if gain is not None:  # (B, H) dB -> (B, 1 ear, H, 1 bin); the gate needs transfer (FlowConfig)
-            factors = factors * gate.spectral_gain(gain, self.vae.cfg.compress)[:, None, :, None]
-        return factors
+        return spectral_factors(transfer[:, -self.g.hop:], self.vae.cfg, self.bands)
+
+    def gated(self, audio: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+        """Decoded audio (B, E, L * hop) times the gate's waveform gain; gains (B, L + 2) dB per latent,
+        from two latents before the first block (the decoder lags one latent; block l eases from
+        latent l - 2's gain to l - 1's)."""
+        return audio * gate.waveform_gain(gains[:, :-1], self.ease)[:, None]
 
     def forward(self, new_latents, *rest):
         g = self.g
-        transfer, gain, tail = (rest[0] if g.transfer else None), (rest[1] if g.gate else None), rest[-1]
-        return self.vae.decode_step(new_latents.transpose(-1, -2), tail, self.factors(transfer, gain))
+        rest = list(rest)
+        transfer = rest.pop(0) if g.transfer else None
+        gain = rest.pop(0) if g.gate else None
+        audio, tail = self.vae.decode_step(new_latents.transpose(-1, -2), rest[0], self.factors(transfer))
+        if gain is None:
+            return audio, tail
+        gains = torch.cat([rest[1], gain], dim=1)
+        return self.gated(audio, gains), tail, gains[:, -2:]
+
+
+def decoder_flush(geometry: HopGeometry, state: "StreamState") -> torch.Tensor:
+    """The last decoded block of a finished stream (B, E, vae_hop): the decoder tail, gated like the
+    blocks before it (its gain eases from the second-last latent's to the last one's)."""
+    tail = state["decoder_tail"]
+    if not geometry.gate:
+        return tail
+    weights = gate.ease(geometry.vae_hop, geometry.sample_rate).to(tail.device)
+    return tail * gate.waveform_gain(state["decoder_gate"], weights)[:, None]
 
 
 def hop_steps(model: BinauralModel, geometry: HopGeometry) -> dict[str, nn.Module]:
@@ -257,9 +283,9 @@ class StreamState:
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         """Forget the past of all streams, or of those where mask (B,) is True: presence masks and the
-        decoder tail go to zero (the rest is unread until overwritten)."""
+        decoder's state go to zero (silence; gate gains of 0 dB). The rest is unread until overwritten."""
         for name, buf in self.buffers.items():
-            if name.endswith("_present") or name == "decoder_tail":
+            if name.endswith("_present") or name.startswith("decoder_"):
                 if mask is None:
                     buf.zero_()
                 else:

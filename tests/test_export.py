@@ -221,3 +221,6 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
     assert (gains > -1).any() and (gains < -10).any()  # the gate both passed and attenuated
     assert states[0]["held_present"].sum() > 0
     torch.testing.assert_close(states[0]["held_azimuth"], states[2]["held_azimuth"], rtol=0, atol=1e-4)
+    # the gated decode, hop by hop with its state, equals one whole decode gated over all gains
+    from training.evaluate import seams
+    assert seams(held, seconds=2.0)["chunked_vs_whole_decode_max_abs"] < 1e-5

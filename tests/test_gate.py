@@ -31,8 +31,19 @@ def test_gain_is_the_floor_only_when_a_silent_source_is_surely_on_screen():
     assert (gate.gain_db(logits, torch.zeros(4)) == 0).all()  # a missing frame is never silenced
 
 
+def test_waveform_gain_eases_from_one_latent_gain_to_the_next_then_holds():
+    hop, sr = 320, 16000
+    weights = gate.ease(hop, sr)
+    ramp = round(gate.RAMP_SECONDS * sr)
+    assert (torch.diff(weights) >= 0).all() and weights[0] < 0.01 and (weights[ramp:] == 1).all()
+    gain = gate.waveform_gain(torch.tensor([[0.0, -40.0, -40.0, 0.0]]), weights).reshape(3, hop)
+    torch.testing.assert_close(gain[0, ramp:], torch.full((hop - ramp,), 0.01))  # eased down within 5 ms
+    torch.testing.assert_close(gain[1], torch.full((hop,), 0.01))  # held
+    assert gain[2, 0] < 0.02 and gain[2, ramp - 1] > 0.9  # back up within 5 ms: a sharp onset
+
+
 @pytest.mark.parametrize("db", [-20.0, -6.0])
-def test_decoder_scales_both_ears_by_the_gain_and_keeps_the_interaural_transfer(tiny_models, db):
+def test_decoder_gates_both_ears_on_the_waveform_and_keeps_the_interaural_transfer(tiny_models, db):
     from engine.hop import DecodeStep, HopGeometry
     from engine.model import load_model
 
@@ -44,9 +55,21 @@ def test_decoder_scales_both_ears_by_the_gain_and_keeps_the_interaural_transfer(
     transfer = torch.randn(1, plain.window, TRANSFER_PARAMS, generator=g)
     tail = torch.randn(1, 2, plain.vae_hop, generator=g)
     ref, ref_tail = DecodeStep(model, plain)(latents, transfer, tail)
-    unity, unity_tail = DecodeStep(model, gated)(latents, transfer, torch.zeros(1, 4), tail)
+    unity, unity_tail, unity_gate = DecodeStep(model, gated)(latents, transfer, torch.zeros(1, 4), tail, torch.zeros(1, 2))
     torch.testing.assert_close(unity, ref, rtol=0, atol=0)
-    # a constant gain on every latent: the frames' overlap-add (tail included) scales exactly by it
-    quiet, quiet_tail = DecodeStep(model, gated)(latents, transfer, torch.full((1, 4), db), tail * 10 ** (db / 20))
-    torch.testing.assert_close(quiet, ref * 10 ** (db / 20), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(quiet_tail, ref_tail * 10 ** (db / 20), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(unity_tail, ref_tail, rtol=0, atol=0)
+    # the same gain on every latent, before the hop too: both ears scale exactly by it; the decoder's
+    # tail stays ungated (it is gated when its block is output) and the last two gains carry over
+    steady, steady_tail, steady_gate = DecodeStep(model, gated)(latents, transfer, torch.full((1, 4), db), tail,
+                                                                torch.full((1, 2), db))
+    torch.testing.assert_close(steady, ref * 10 ** (db / 20), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(steady_tail, ref_tail, rtol=0, atol=0)
+    torch.testing.assert_close(steady_gate, torch.full((1, 2), db))
+    # the gain drops at the hop's second latent: output block l (one latent behind) follows latent l - 1,
+    # so blocks 0-1 pass and blocks 2-3 are gated from block 2's first 5 ms on
+    step = torch.tensor([[0.0, db, db, db]])
+    stepped, _, _ = DecodeStep(model, gated)(latents, transfer, step, tail, torch.zeros(1, 2))
+    ratio = (stepped / ref).reshape(2, 4, plain.vae_hop)
+    ramp = round(gate.RAMP_SECONDS * plain.sample_rate)
+    torch.testing.assert_close(ratio[:, :2], torch.ones_like(ratio[:, :2]))
+    torch.testing.assert_close(ratio[:, 2:, ramp:], torch.full_like(ratio[:, 2:, ramp:], 10 ** (db / 20)))

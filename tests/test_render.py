@@ -185,3 +185,13 @@ def test_sound_kinds_differ_and_are_deterministic():
         for b in names[i + 1:]:
             # total-variation distance between normalised spectra: every pair is clearly different
             assert 0.5 * np.abs(spectra[a] - spectra[b]).sum() > 0.2, (a, b)
+
+
+def test_random_scenes_parse_even_when_a_head_segment_ends_a_millisecond_short():
+    from training.sampler import random_scene
+    from training.scene_spec import parse_scene
+
+    # these seeds drew a last head segment ending < 1 ms before the clip's end: two keyframes rounded to 8.0 s
+    for seed in (2287, 4267, 10232, 15304):
+        times = [k["t"] for k in parse_scene(random_scene(seed)).to_json()["head"]]
+        assert all(b > a for a, b in zip(times, times[1:])) and times[-1] == 8.0

@@ -258,15 +258,22 @@ def seams(model: BinauralModel, seconds: float = 60.0, seed: int = HEAD_TURN_SEE
     at_hop = boundary % hop_latents == 0
     in_hop_frame = ~at_hop & (boundary % model.flow.cfg.latents_per_frame == 0)
     decode = DecodeStep(model, HopGeometry.of(model, hop_latents))
-    chunks = []
-    for z, transfer, gain in record:  # batch of one
-        factors = decode.factors(transfer, gain)
-        chunks.append((z[0].transpose(-1, -2), None if factors is None else factors[0]))
-    has_factors = chunks[0][1] is not None
-    whole = model.vae.decode(torch.cat([z for z, _ in chunks], -1),
-                             factors=torch.cat([f for _, f in chunks], -2) if has_factors else None)
-    state = model.vae.init_decoder(whole.shape[0])
-    streamed = torch.cat([model.vae.decode(z, state, f) for z, f in chunks], dim=-1)
+    latents, transfers, gains = zip(*record)  # per hop, batch of one
+    gated = gains[0] is not None
+    with torch.no_grad():
+        # the decode step itself, hop by hop, its state carried as the runtime carries it
+        tail, gate_state, streamed = torch.zeros(1, decode.g.ears, vhop), torch.zeros(1, 2), []
+        for z, transfer, gain in record:
+            step_inputs = [x for x in (transfer, gain) if x is not None] + [tail] + ([gate_state] if gated else [])
+            audio_hop, tail, *rest = decode(z, *step_inputs)
+            gate_state = rest[0] if gated else gate_state
+            streamed.append(audio_hop)
+        streamed = torch.cat(streamed, dim=-1)
+        # one whole decode of all latents, gated over the whole gain sequence
+        factors = None if transfers[0] is None else torch.cat([decode.factors(t) for t in transfers], 2)[0]
+        whole = model.vae.decode(torch.cat(latents, 2)[0].transpose(-1, -2), factors=factors)[None]
+        if gated:
+            whole = decode.gated(whole, torch.nn.functional.pad(torch.cat(gains, 1), (2, 0)))
     hop_jump, latent_jump = peak[at_hop], peak[~at_hop]
     ratio, ratio_se = _mean_ratio(hop_jump, latent_jump)
     frame_ratio, frame_ratio_se = _mean_ratio(hop_jump, peak[in_hop_frame]) if in_hop_frame.any() else (None, None)

@@ -80,11 +80,15 @@ def grid_features(flow, frames: np.ndarray, batch: int = 512) -> torch.Tensor:
                           for i in range(0, len(frames), batch)])
 
 
-def sample_frames(cache, labels: np.ndarray, clips: range, count: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`count` random (frame, label) pairs from the given clips."""
+def sample_frames(cache, labels: np.ndarray, clips: range, count: int, rng: np.random.Generator,
+                  always: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`count` random (frame, label) pairs from the given clips, plus every frame of those clips that
+    `always` (N, F) marks."""
     clip = rng.choice(np.asarray(clips), count)
     frame = rng.integers(0, cache.frames.shape[1], count)
+    if always is not None:
+        extra_clip, extra_frame = np.nonzero(always[clips.start:clips.stop])
+        clip, frame = np.concatenate([clip, extra_clip + clips.start]), np.concatenate([frame, extra_frame])
     order = np.lexsort((frame, clip))  # memory-mapped reads in file order
     clip, frame = clip[order], frame[order]
     return np.stack([cache.frames[c, f] for c, f in zip(clip, frame)]), labels[clip, frame]
@@ -133,19 +137,21 @@ def _logits(head: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.
 
 def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name: str, frames: int = 24000,
                    holdout_clips: int = 32, epochs: int = 60, lr: float = 3e-3, batch: int = 1024, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, always: np.ndarray | None = None) -> dict:
     """Fit `head` in place, from a fresh initialisation, on `frames` random cache frames with their
-    `labels` (N, F, K); the last `holdout_clips` clips are held out. A Linear head reads the flow's
-    frame grid (standardised for the fit, the scaling folded into it afterwards); any other module
-    reads the frames' pixels. Plain cross-entropy per logit, no class reweighting. Returns the report
-    (scores of each logit on the training and held-out frames)."""
+    `labels` (N, F, K), plus every frame that `always` (N, F) marks; the last `holdout_clips` clips
+    are held out. A Linear head reads the flow's frame grid (standardised for the fit, the scaling
+    folded into it afterwards); any other module reads the frames' pixels. Plain cross-entropy per
+    logit, no class reweighting. Returns the report (scores of each logit on the training and
+    held-out frames, and on the held-out clips' `always` frames)."""
     from tqdm import tqdm
 
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    train = sample_frames(cache, labels, range(len(cache) - holdout_clips), frames, rng)
-    held = sample_frames(cache, labels, range(len(cache) - holdout_clips, len(cache)), max(frames // 8, 1), rng)
+    train = sample_frames(cache, labels, range(len(cache) - holdout_clips), frames, rng, always)
+    held_clips = range(len(cache) - holdout_clips, len(cache))
+    held = sample_frames(cache, labels, held_clips, max(frames // 8, 1), rng)
     y, yh = torch.from_numpy(train[1]).float(), torch.from_numpy(held[1]).float()
     on_grid = isinstance(head, torch.nn.Linear)
     if on_grid:
@@ -170,9 +176,15 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
             head.bias.sub_(head.weight @ (mean / std))
             head.weight.div_(std)
         fitted, held_logits = _logits(head, x), _logits(head, xh)
-        return {"train": [scores(fitted[:, k], y[:, k]) for k in range(y.shape[1])],
-                "held_out": [scores(held_logits[:, k], yh[:, k]) for k in range(y.shape[1])], "frames": frames,
-                "held_out_frames": len(yh), "epochs": epochs, "seconds": round(time.monotonic() - started, 1)}
+        report = {"train": [scores(fitted[:, k], y[:, k]) for k in range(y.shape[1])],
+                  "held_out": [scores(held_logits[:, k], yh[:, k]) for k in range(y.shape[1])], "frames": len(y),
+                  "held_out_frames": len(yh), "epochs": epochs}
+        if always is not None and always[held_clips.start:].any():
+            marked_x, marked_y = sample_frames(cache, labels, held_clips, 0, rng, always)
+            marked = _logits(head, grid_features(flow, marked_x) if on_grid else torch.from_numpy(marked_x))
+            marked_y = torch.from_numpy(marked_y).float()
+            report["held_out_always"] = [scores(marked[:, k], marked_y[:, k]) for k in range(y.shape[1])]
+        return {**report, "seconds": round(time.monotonic() - started, 1)}
 
 
 def train_presence(model, cache_dir: str, progress: bool = True, **fit) -> tuple[object, dict]:
@@ -190,18 +202,27 @@ def train_presence(model, cache_dir: str, progress: bool = True, **fit) -> tuple
     return out, {**report, "labels": label_name}
 
 
+def switching_frames(labels: np.ndarray) -> np.ndarray:
+    """(N, F) bool: the frames where any of the labels (N, F, K) differs from the frame before."""
+    out = np.zeros(labels.shape[:2], bool)
+    out[:, 1:] = (labels[:, 1:] != labels[:, :-1]).any(axis=-1)
+    return out
+
+
 def train_silence(model, cache_dir: str, progress: bool = True, frames: int = 48000, epochs: int = 6,
                   lr: float = 2e-3, batch: int = 256, **fit) -> tuple[object, dict]:
     """A copy of `model` with silence_gate on and a trained silence head (engine/gate.py): the CNN
-    learns from pixels, so more frames and fewer, smaller-batch epochs than a grid head."""
+    learns from pixels, so more frames and fewer, smaller-batch epochs than a grid head. Every frame
+    where the labels switch (an event's first frame, with its flash; a source entering the view) is
+    added to the random ones: those frames time the onsets, and a uniform draw holds few of them."""
     from training.scene_cache import load_cache
 
     out, missing = with_head(model, silence_gate=True)
-    assert missing and all(k.startswith("silence_head.") for k in missing), missing
+    assert all(k.startswith("silence_head.") for k in missing), missing  # none: a refit
     cache = load_cache(cache_dir)
     labels, label_name = silence_labels(cache, cache_dir)
     report = fit_frame_head(out.flow.silence_head, out.flow, cache, labels, "silence", frames=frames, epochs=epochs,
-                            lr=lr, batch=batch, progress=progress, **fit)
+                            lr=lr, batch=batch, progress=progress, always=switching_frames(labels), **fit)
     return out, {**report, "labels": label_name}
 
 

@@ -40,6 +40,8 @@ def _head(rng: np.random.Generator, duration: float, yaw0: float, pitch0: float)
         if t >= duration:
             return frames
         step = min(rng.uniform(1.0, 3.0), duration - t)
+        if duration - (t + step) < 0.002:  # keyframe times are rounded to 1 ms: do not leave a sliver
+            step = duration - t
         t += step
         yaw += drift * step + rng.uniform(-40, 40)
         pitch = float(np.clip(pitch + rng.uniform(-10, 10), -30, 30))
