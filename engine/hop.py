@@ -101,6 +101,9 @@ class HopGeometry:
                        ("pose_present", (b, w), "float32"), ("latent_present", (b, w), "float32")]
         if self.hold:  # world azimuth of the last source seen, and whether there is one
             state_rings += [("held_azimuth", (b,), "float32"), ("held_present", (b,), "float32")]
+        if self.gate:  # the last frame, which the silence head compares the next one with
+            state_rings += [("gate_frame", (b, self.frame_size, self.frame_size, 3), "uint8"),
+                            ("gate_frame_present", (b,), "float32")]
         conditions = self.conditions() + (self.conditions("null_") if self.guidance != 1.0 else [])
         per_latent = [("transfer", (b, w, TRANSFER_PARAMS), "float32")] if self.transfer else []  # to the decoder
         per_latent += [("gate_db", (b, h), "float32")] if self.gate else []  # per new latent
@@ -153,8 +156,9 @@ class ConditionStep(nn.Module):
                              persistent=False)
 
     def forward(self, frames, frame_present, new_pose, new_pose_present, grids, video_present, pose, pose_present,
-                latent_present, *held):
+                latent_present, *rest):
         g, flow = self.g, self.flow
+        held, last_frame = (rest[:2] if g.hold else ()), (rest[-2:] if g.gate else ())
         grids = _shift_in(grids, flow.encode_frames(frames))
         video_present = _shift_in(video_present, frame_present)
         pose = _shift_in(pose, new_pose)
@@ -170,7 +174,8 @@ class ConditionStep(nn.Module):
             now, *held = hold_offscreen(transfer[:, -g.hop:], presence, new_pose[..., 0], *held, flow.direction_table)
             transfer = torch.cat([transfer[:, :-g.hop], now], dim=1)
         outs = [grids, video_present, pose, pose_present, _shift_in(latent_present, torch.ones_like(new_pose_present)),
-                *held, *(getattr(cond, n) for n in CONDITION_FIELDS)]
+                *held, *((frames[:, -1], frame_present[:, -1]) if g.gate else ()),
+                *(getattr(cond, n) for n in CONDITION_FIELDS)]
         if g.guidance != 1.0:
             null = flow.prepare(grids, torch.zeros_like(video_present, dtype=torch.bool), pose,
                                 torch.zeros_like(pose_present, dtype=torch.bool), roles)
@@ -178,7 +183,8 @@ class ConditionStep(nn.Module):
         if g.transfer:
             outs.append(transfer)
         if g.gate:
-            outs.append(gate.gain_db(flow.silence_head(frames), frame_present)[:, self.new_frame_of_latent])
+            pairs = gate.frame_pairs(frames, frame_present, *last_frame)
+            outs.append(gate.gain_db(flow.silence_head(pairs), frame_present)[:, self.new_frame_of_latent])
         return tuple(outs)
 
 

@@ -178,6 +178,7 @@ def test_render_through_an_engine_equals_the_checkpoint(tiny_models, clip_dir, t
 
 
 def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(tiny_models, tmp_path):
+    from engine.gate import frame_pairs
     from engine.hop import HopGeometry, StreamGenerator
     from engine.model import load_model, save_model
     from training.frame_heads import train_presence, train_silence
@@ -195,7 +196,8 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
             head.bias.zero_()
         # the silence logits of this test's frames, centred on their median and spread to +-10
         frames = torch.cat([example_inputs(HopGeometry.of(held, 4, 2), i)["frames"] for i in range(6)], 1)
-        logits = held.flow.silence_head(frames).flatten(0, 1)
+        present = torch.ones(frames.shape[:2])
+        logits = held.flow.silence_head(frame_pairs(frames, present, frames[:, 0], present[:, 0])).flatten(0, 1)
         out = held.flow.silence_head.out
         scale = 10.0 / logits.std(0)
         out.weight.mul_(scale[:, None])

@@ -31,6 +31,16 @@ def test_gain_is_the_floor_only_when_a_silent_source_is_surely_on_screen():
     assert (gate.gain_db(logits, torch.zeros(4)) == 0).all()  # a missing frame is never silenced
 
 
+def test_frame_pairs_put_each_frame_after_the_one_before_or_after_itself_when_that_is_missing():
+    frames = torch.arange(2 * 3, dtype=torch.uint8).reshape(2, 3, 1, 1, 1).expand(2, 3, 4, 4, 3)
+    present = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    last = torch.full((2, 4, 4, 3), 200, dtype=torch.uint8)
+    pairs = gate.frame_pairs(frames, present, last, torch.tensor([1.0, 0.0]))
+    assert pairs.shape == (2, 3, 2, 4, 4, 3) and (pairs[:, :, 1] == frames).all()
+    before = pairs[:, :, 0, 0, 0, 0].tolist()
+    assert before == [[200, 0, 1], [3, 3, 5]]  # stream 1: no last frame; its frame 1 is missing
+
+
 def test_waveform_gain_eases_from_one_latent_gain_to_the_next_then_holds():
     hop, sr = 320, 16000
     weights = gate.ease(hop, sr)

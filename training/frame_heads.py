@@ -81,9 +81,10 @@ def grid_features(flow, frames: np.ndarray, batch: int = 512) -> torch.Tensor:
 
 
 def sample_frames(cache, labels: np.ndarray, clips: range, count: int, rng: np.random.Generator,
-                  always: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  always: np.ndarray | None = None, pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`count` random (frame, label) pairs from the given clips, plus every frame of those clips that
-    `always` (N, F) marks."""
+    `always` (N, F) marks. With `pairs`, each frame comes after the one before it, (N, 2, S, S, 3)
+    (a clip's first frame after itself), as engine.gate.frame_pairs gives the silence head."""
     clip = rng.choice(np.asarray(clips), count)
     frame = rng.integers(0, cache.frames.shape[1], count)
     if always is not None:
@@ -91,6 +92,8 @@ def sample_frames(cache, labels: np.ndarray, clips: range, count: int, rng: np.r
         clip, frame = np.concatenate([clip, extra_clip + clips.start]), np.concatenate([frame, extra_frame])
     order = np.lexsort((frame, clip))  # memory-mapped reads in file order
     clip, frame = clip[order], frame[order]
+    if pairs:
+        return np.stack([cache.frames[c, [max(f - 1, 0), f]] for c, f in zip(clip, frame)]), labels[clip, frame]
     return np.stack([cache.frames[c, f] for c, f in zip(clip, frame)]), labels[clip, frame]
 
 
@@ -141,19 +144,20 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
     """Fit `head` in place, from a fresh initialisation, on `frames` random cache frames with their
     `labels` (N, F, K), plus every frame that `always` (N, F) marks; the last `holdout_clips` clips
     are held out. A Linear head reads the flow's frame grid (standardised for the fit, the scaling
-    folded into it afterwards); any other module reads the frames' pixels. Plain cross-entropy per
-    logit, no class reweighting. Returns the report (scores of each logit on the training and
-    held-out frames, and on the held-out clips' `always` frames)."""
+    folded into it afterwards); any other module reads the pixels of each frame and the one before
+    it (engine.gate.frame_pairs). Plain cross-entropy per logit, no class reweighting. Returns the
+    report (scores of each logit on the training and held-out frames, and on the held-out clips'
+    `always` frames)."""
     from tqdm import tqdm
 
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    train = sample_frames(cache, labels, range(len(cache) - holdout_clips), frames, rng, always)
-    held_clips = range(len(cache) - holdout_clips, len(cache))
-    held = sample_frames(cache, labels, held_clips, max(frames // 8, 1), rng)
-    y, yh = torch.from_numpy(train[1]).float(), torch.from_numpy(held[1]).float()
     on_grid = isinstance(head, torch.nn.Linear)
+    train = sample_frames(cache, labels, range(len(cache) - holdout_clips), frames, rng, always, pairs=not on_grid)
+    held_clips = range(len(cache) - holdout_clips, len(cache))
+    held = sample_frames(cache, labels, held_clips, max(frames // 8, 1), rng, pairs=not on_grid)
+    y, yh = torch.from_numpy(train[1]).float(), torch.from_numpy(held[1]).float()
     if on_grid:
         x, xh = grid_features(flow, train[0]), grid_features(flow, held[0])
         mean, std = x.mean(0), x.std(0) + 1e-6
@@ -180,7 +184,7 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
                   "held_out": [scores(held_logits[:, k], yh[:, k]) for k in range(y.shape[1])], "frames": len(y),
                   "held_out_frames": len(yh), "epochs": epochs}
         if always is not None and always[held_clips.start:].any():
-            marked_x, marked_y = sample_frames(cache, labels, held_clips, 0, rng, always)
+            marked_x, marked_y = sample_frames(cache, labels, held_clips, 0, rng, always, pairs=not on_grid)
             marked = _logits(head, grid_features(flow, marked_x) if on_grid else torch.from_numpy(marked_x))
             marked_y = torch.from_numpy(marked_y).float()
             report["held_out_always"] = [scores(marked[:, k], marked_y[:, k]) for k in range(y.shape[1])]
