@@ -158,12 +158,15 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
     held_clips = range(len(cache) - holdout_clips, len(cache))
     held = sample_frames(cache, labels, held_clips, max(frames // 8, 1), rng, pairs=not on_grid)
     y, yh = torch.from_numpy(train[1]).float(), torch.from_numpy(held[1]).float()
+
+    def head_inputs(raw: np.ndarray) -> torch.Tensor:
+        return grid_features(flow, raw) if on_grid else torch.from_numpy(raw)
+
+    x, xh = head_inputs(train[0]), head_inputs(held[0])
     if on_grid:
-        x, xh = grid_features(flow, train[0]), grid_features(flow, held[0])
         mean, std = x.mean(0), x.std(0) + 1e-6
         inputs = (x - mean) / std
     else:
-        x, xh = torch.from_numpy(train[0]), torch.from_numpy(held[0])
         inputs = x
     for layer in head.modules():
         if hasattr(layer, "reset_parameters"):
@@ -185,7 +188,7 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
                   "held_out_frames": len(yh), "epochs": epochs}
         if always is not None and always[held_clips.start:].any():
             marked_x, marked_y = sample_frames(cache, labels, held_clips, 0, rng, always, pairs=not on_grid)
-            marked = _logits(head, grid_features(flow, marked_x) if on_grid else torch.from_numpy(marked_x))
+            marked = _logits(head, head_inputs(marked_x))
             marked_y = torch.from_numpy(marked_y).float()
             report["held_out_always"] = [scores(marked[:, k], marked_y[:, k]) for k in range(y.shape[1])]
         return {**report, "seconds": round(time.monotonic() - started, 1)}
