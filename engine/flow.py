@@ -107,7 +107,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torc
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (N, head_dim / 2) for rotary position embedding at (fractional) positions."""
-    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[:, None] * freqs[None, :]
     return torch.cos(angles), torch.sin(angles)
 
@@ -332,7 +332,7 @@ class FlowNet(nn.Module):
         per_ear, glob = self.spacetime(grid)  # (B, E, Fw, w), (B, Fw, w)
         # pose relative to the pose at the first horizon latent ("now" for this hop)
         first_horizon = torch.argmax((roles == ROLE_HORIZON).int(), dim=1)
-        reference = pose[torch.arange(b), first_horizon]
+        reference = pose[torch.arange(b, device=pose.device), first_horizon]
         rad = relative_pose(pose, reference) * (math.pi / 180)  # (torch.deg2rad has no ONNX export)
         pose_feat = self.pose_mlp(torch.cat([torch.sin(rad), torch.cos(rad) - 1.0], dim=-1))
         pose_feat = torch.where(pose_present[..., None], pose_feat, self.null_pose)  # (B, W, w)

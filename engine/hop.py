@@ -263,8 +263,9 @@ def decoder_flush(geometry: HopGeometry, state: "StreamState") -> torch.Tensor:
 
 def hop_steps(model: BinauralModel, geometry: HopGeometry) -> dict[str, nn.Module]:
     flow = window_flow(model, geometry.window)
-    return {"conditions": ConditionStep(flow, geometry), "denoise": DenoiseStep(flow, geometry),
-            "decode": DecodeStep(model, geometry)}
+    steps = {"conditions": ConditionStep(flow, geometry), "denoise": DenoiseStep(flow, geometry),
+             "decode": DecodeStep(model, geometry)}
+    return {name: step.to(model.vae.mean.device) for name, step in steps.items()}  # their buffers too
 
 
 Step = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -41,8 +41,8 @@ MIN_ITD_WEIGHT = 0.1  # squared coherence below which a frame's ITD label is 0 (
 TABLE_AZIMUTHS = 361  # direction table rows: azimuth -180..180 degrees, 1 degree apart, elevation 0
 
 
-def bin_frequencies(cfg: VAEConfig) -> torch.Tensor:
-    return torch.arange(cfg.bins, dtype=torch.float32) * cfg.sample_rate / cfg.frame
+def bin_frequencies(cfg: VAEConfig, device=None) -> torch.Tensor:
+    return torch.arange(cfg.bins, dtype=torch.float32, device=device) * cfg.sample_rate / cfg.frame
 
 
 def band_matrix(cfg: VAEConfig) -> torch.Tensor:
@@ -67,8 +67,8 @@ def spectral_factors(params: torch.Tensor, cfg: VAEConfig, bands: torch.Tensor) 
     spectrum, [re, im] (..., 2, L, 2 bins); ear 0 = left. Negated params give the inverse transfer."""
     itd = params[..., :1] * ITD_UNIT  # (..., L, 1)
     ild = (params[..., 1:] * ILD_UNIT) @ bands  # (..., L, bins) dB
-    omega = 2 * math.pi * bin_frequencies(cfg).to(params.device)
-    ear_sign = torch.tensor([1.0, -1.0], device=params.device)[:, None, None]  # (2, 1, 1)
+    omega = 2 * math.pi * bin_frequencies(cfg, params.device)
+    ear_sign = (1.0 - 2.0 * torch.arange(2, device=params.device, dtype=params.dtype))[:, None, None]  # +1, -1: (2, 1, 1)
     phase = ear_sign * (omega * itd / 2)[..., None, :, :]
     gain = 10.0 ** (ear_sign * ild[..., None, :, :] * cfg.compress / 40.0)
     return torch.cat([gain * torch.cos(phase), gain * torch.sin(phase)], dim=-1)
@@ -76,7 +76,7 @@ def spectral_factors(params: torch.Tensor, cfg: VAEConfig, bands: torch.Tensor) 
 
 def _smooth(x: torch.Tensor, frames: int) -> torch.Tensor:
     """Centred moving average over the latent axis (-2) of (..., L, C)."""
-    kernel = torch.ones(1, 1, frames, dtype=x.dtype) / frames
+    kernel = torch.ones(1, 1, frames, dtype=x.dtype, device=x.device) / frames
     flat = x.movedim(-2, -1).reshape(-1, 1, x.shape[-2])
     out = torch.nn.functional.conv1d(flat, kernel, padding=frames // 2)
     return out.reshape(*x.shape[:-2], x.shape[-1], -1).movedim(-1, -2)
@@ -93,10 +93,10 @@ def labels(spectra: torch.Tensor, cfg: VAEConfig, bands: torch.Tensor,
     cross = _smooth(torch.cat([lre * rre + lim * rim, lim * rre - lre * rim], -1), LABEL_SMOOTHING)  # L conj(R)
     power = _smooth(torch.stack([lre ** 2 + lim ** 2, rre ** 2 + rim ** 2]), LABEL_SMOOTHING)  # (2, L, bins)
     c_re, c_im = cross.chunk(2, -1)
-    freqs = bin_frequencies(cfg)
+    freqs = bin_frequencies(cfg, spectra.device)
     band = (freqs > 0) & (freqs < itd_band_hz)
     # GCC-PHAT: the lag whose phase ramp best matches the whitened cross-spectrum (10 us grid)
-    lags = torch.linspace(-MAX_ITD, MAX_ITD, 201)
+    lags = torch.linspace(-MAX_ITD, MAX_ITD, 201, device=spectra.device)
     omega = 2 * math.pi * freqs[band]
     mag = torch.sqrt(c_re[:, band] ** 2 + c_im[:, band] ** 2) + 1e-20
     ramp = omega[:, None] * lags[None, :]  # (bins_b, lags)

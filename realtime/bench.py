@@ -40,7 +40,7 @@ def _rss_mb() -> float:
 
 def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxruntime", threads: int = 1,
                   step_deg: float = 30.0, step_seconds: float = 1.0, streams: int = 1, progress: bool = True,
-                  device_ms: float = 25.0) -> dict:
+                  device_ms: float = 25.0, blocksize: int = 256) -> dict:
     from engine.backends import open_engine
     from realtime.audio import HeadphoneSink
     from realtime.client import Client
@@ -55,8 +55,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     sample_rate = runner.manifest["rates"]["sample_rate"]
     cfg = RuntimeConfig(**{k: "tcp://127.0.0.1:*" for k in ("frames", "pose", "control", "audio")})
     hop_ms = runner.g.samples / sample_rate * 1e3
-    sink = HeadphoneSink(sample_rate, 0, device_ms=device_ms,
-                         capture_seconds=seconds + 5)
+    sink = HeadphoneSink(sample_rate, 0, blocksize=blocksize, device_ms=device_ms, capture_seconds=seconds + 5)
     runtime = Runtime(runner, sample_rate, cfg, [sink])
     endpoints = runtime.endpoints()
     scene = render_scene(parse_scene(random_scene(4242, duration=min(seconds, 8.0), num_sources=1)))
@@ -156,6 +155,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         if device_sample < len(audio):
             video.append((float(sink.device_time(device_sample)) - sent) * 1e3)
     return {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
+            "device_ms": device_ms, "blocksize": blocksize,
             "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),
             # first frame sent -> the device starts playing the first audio (its output latency included)
             "first_audio_ms": (sink.started_at + sink.output_latency - first_sent[0]) * 1e3

@@ -294,9 +294,12 @@ class Runtime:
             timeout = min(max_wait_ms, max(0.0, (due - self.clock()) / 1e6))
         self.poller.poll(timeout)
         self._take_input()
+        give_back = self.clock() + max_wait_ms * 1e6
         while (due := self.next_due()) is not None and due <= self.clock():
             self.run_hop()
             self._take_input()  # what arrived meanwhile (after a stall: everything) before the next hop
+            if self.clock() >= give_back:  # an engine slower than real time is always due: let the caller stop us
+                break
 
     def _take_input(self) -> None:
         self._drain("frames", self._on_frame)

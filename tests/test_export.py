@@ -136,6 +136,23 @@ def test_export_check_and_bench_cli(tiny_models, tmp_path, capsys):
     assert main(["bench", "engine", "--engine", str(tmp_path / "nothing")]) == 2  # _fail: a clear error
 
 
+def test_hop_steps_make_every_tensor_on_their_inputs_device():
+    """CUDA graph capture forbids host-to-device copies inside a step, so a step must make each tensor
+    on its inputs' device. Checked on the CPU: with meta as the default device, a tensor made without a
+    device lands on meta and the hop fails (it did, before hop.py moved the steps' buffers and flow.py
+    and interaural.py made theirs on the right device). The shipped model has every optional part."""
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+
+    model, _ = load_model()
+    runner = StreamGenerator(model, 2, 1)
+    assert runner.g.gate and runner.g.hold
+    state, inputs = runner.init_state(), example_inputs(runner.g, 0)
+    with torch.device("meta"):
+        audio = runner.hop(state, **inputs)
+    assert audio.device.type == "cpu" and torch.isfinite(audio).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
 def test_cuda_graph_backend_equals_eager(engine_dir):
     graphs, eager = open_engine(engine_dir, "torch"), open_engine(engine_dir, "torch-eager")

@@ -161,3 +161,48 @@ def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
         runtime.close()
     assert len(audio) == hops * 1280  # nothing lost
     assert stats["counts"]["deadline misses"] == 1 and stats["streams"]["0"]["late_frames"] == 0
+
+
+def test_an_engine_slower_than_real_time_still_stops_when_asked(tiny_models):
+    """Every hop takes 1.5 hops of time and the clocked output is always dry, so a hop is always due:
+    the loop keeps answering control requests and returns soon after it is told to stop."""
+    from engine.hop import StreamGenerator
+    from engine.model import load_model
+    from realtime.runtime import Runtime
+
+    from conftest import LOCAL_RUNTIME
+
+    model, _ = load_model(tiny_models["student"])
+    runner = StreamGenerator(model, 4, 1)
+    hop_seconds, original = runner.g.samples / 16000, runner.hop
+
+    def slow_hop(*args, **kwargs):
+        time.sleep(1.5 * hop_seconds)
+        return original(*args, **kwargs)
+
+    class DryOutput:
+        def __call__(self, *hop):
+            pass
+
+        def slack(self):
+            return 0.0
+
+    runner.hop = slow_hop
+    runtime = Runtime(runner, 16000, LOCAL_RUNTIME, [DryOutput()])
+    endpoints, stop = runtime.endpoints(), threading.Event()
+    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        frames, pose = _clip(seconds=0.4, seed=7)
+        with Client(stream=0, endpoints=endpoints) as client:
+            client.send_frame(frames[0], 0)
+            time.sleep(1.0)
+            stats = client.control("stats")["stats"]
+        stop.set()
+        thread.join(timeout=2.0)
+        assert not thread.is_alive(), "the loop did not return within 2 s of being stopped"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        runtime.close()
+    assert stats["counts"]["deadline misses"] >= 3

@@ -52,6 +52,16 @@ def test_training_is_reproducible_and_resumes(tiny_models, tmp_path):
                    resume=True, progress=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA training path (bf16 autocast) needs a GPU")
+def test_training_on_cuda_with_bf16_autocast(tiny_models, tmp_path):
+    path = train_flow(_cfg(tiny_models), tmp_path / "cuda", device="cuda", progress=False)
+    tensors, info = load_checkpoint(path, "model")
+    assert info["train"]["device"].startswith("cuda") and info["train"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "cuda" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+
 def test_two_process_ddp_with_gloo(tiny_models, tmp_path):
     cfg = _cfg(tiny_models).to_json()
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))

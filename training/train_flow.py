@@ -10,6 +10,7 @@ inputs. AdamW (0.9, 0.95), warm-up, EMA weights, bf16 autocast on CUDA, DDP unde
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -71,6 +72,7 @@ class LatentWindows:
         if cache.frames.shape[2] != flow_cfg.frame_size:
             raise ValueError(f"{cache_dir}: frames are {cache.frames.shape[2]} px, the model wants {flow_cfg.frame_size}")
         self.cfg, self.cache, self.idx = flow_cfg, cache, list(idx)
+        vae = copy.deepcopy(vae).cpu()  # the windows live in host memory; batches go to the device
         rate = vae.cfg.latents_per_second
         bands = band_matrix(vae.cfg)
         latents, poses, transfers, weights = [], [], [], []

@@ -312,7 +312,7 @@ def cmd_bench_latency(args) -> int:
                     engine = tmp
                     export_engine(tmp, hop=args.hop, batch=streams)
                 report = bench_latency(engine, seconds, args.backend, args.threads, streams=streams,
-                                       progress=not args.json)
+                                       progress=not args.json, device_ms=args.device_ms, blocksize=args.blocksize)
             report["cpu"] = cpu_name()
             reports.append(report)
     except (EngineError, ValueError, OSError) as exc:
@@ -617,6 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, nargs="+", default=[1],
                    help="live streams at once (the engine's batch); several values sweep")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device-ms", type=float, default=25.0,
+                   help="audio kept in the device ring ahead of the callback: the head-turn latency's main term "
+                        "(25 ms holds on a 2-core CPU; a GPU engine leaves the feeder thread free to run with less)")
+    p.add_argument("--blocksize", type=int, default=256,
+                   help="device frames per callback (match the JACK period, -p)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_latency)
 
