@@ -86,6 +86,8 @@ def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
     for name in ("student", "teacher", "mono copied", "two-stage"):
         m = report["systems"][name]
         assert np.isfinite(m["itd_error_us"]) and m["head_turn_correlation"] is not None
+        split = m["by_acoustics"]
+        assert set(split) == {"anechoic", "room"} and split["anechoic"]["scenes"] + split["room"]["scenes"] <= 2
     assert report["systems"]["student"]["evaluations_per_hop"] == 2
     assert (out / "head_turn.png").stat().st_size > 10_000
     assert report["seams"]["chunked_vs_whole_decode_max_abs"] < 1e-4 and report["seams"]["ratio"] > 0

@@ -16,6 +16,8 @@ Reported per system:
   itd_error_us_direct, ild_error_db_direct: of those, the frames where the reference's ears are
       coherent (>= DIRECTION_MIN_COHERENCE: the direct sound dominates, so the reference has an ITD;
       in rooms the late reverb leaves GCC-PHAT a random lag in both signals);
+  by_acoustics: the in-view and direct ITD/ILD errors again, over the anechoic scenes and the room
+      scenes apart (with the scene counts);
   lateral_error_deg: median over frames where the dominant source is visible and within +-60 degrees
       of straight ahead (coherence-gated as in training.metrics.direction_error);
   onset_within_40ms: fraction of visible events with an audio onset within 40 ms (pooled);
@@ -113,7 +115,8 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
 
     ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
     refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
-    subsets = {"in_view": ([], 0.0), "direct": ([], DIRECTION_MIN_COHERENCE)}
+    subsets = {"in_view": 0.0, "direct": DIRECTION_MIN_COHERENCE}
+    found = {name: [] for name in subsets}  # (the scene's acoustics, its errors on the subset's frames)
     for audio, scene in zip(outputs, scenes):
         audio = np.asarray(audio, np.float64)
         if scene.kind == "single":
@@ -127,9 +130,10 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             in_view = visible[f, 0] & (np.abs(az[f, 0]) <= MAX_AZIMUTH)
             sel = series["scored"] & in_view
             lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
-            for found, coherence in subsets.values():
+            acoustics = "room" if scene.meta["scene"].get("room") else "anechoic"
+            for name, coherence in subsets.items():
                 try:
-                    found.append(errors_from_cues(ref_cues, cues, in_view, coherence))
+                    found[name].append((acoustics, errors_from_cues(ref_cues, cues, in_view, coherence)))
                 except ValueError:  # no such frame in this scene
                     pass
             sync = onset_sync(audio, scene.sample_rate, scene.meta)
@@ -143,10 +147,19 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             ok = use.sum() > 2 and np.std(est[use]) > 0
             correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
     result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}
-    for name, (found, _) in subsets.items():
-        for key in ("itd_error_us", "ild_error_db"):
-            values = [r[key] for r in found if np.isfinite(r[key])]
-            result[f"{key}_{name}"] = float(np.mean(values)) if values else None
+
+    def subset_means(keep) -> dict:
+        out = {}
+        for name, rows in found.items():
+            for key in ("itd_error_us", "ild_error_db"):
+                values = [r[key] for acoustics, r in rows if keep(acoustics) and np.isfinite(r[key])]
+                out[f"{key}_{name}"] = float(np.mean(values)) if values else None
+        return out
+
+    result.update(subset_means(lambda acoustics: True))
+    # the same split by the scene's acoustics: a room's reflections and reverb are not in the video
+    result["by_acoustics"] = {a: {"scenes": sum(1 for s, _ in found["in_view"] if s == a), **subset_means(a.__eq__)}
+                              for a in ("anechoic", "room")}
     pooled = np.concatenate(lateral_errors) if lateral_errors else np.zeros(0)
     result.update(lateral_error_deg=float(np.median(pooled)) if len(pooled) else None,
                   lateral_frames=int(len(pooled)),
@@ -303,6 +316,9 @@ def format_report(report: dict) -> str:
     for name, m in report["systems"].items():
         cells = [fmt.format(m[k]) if m.get(k) is not None else "-" for k, _, fmt in cols]
         lines.append(f"{name:<32}" + "".join(f"{c:>13}" for c in cells))
+        for acoustics, a in m.get("by_acoustics", {}).items():
+            cells = [fmt.format(a[k]) if a.get(k) is not None else "-" if k in a else "" for k, _, fmt in cols]
+            lines.append(f"{'  ' + acoustics + ' (' + str(a['scenes']) + ' scenes)':<32}" + "".join(f"{c:>13}" for c in cells))
     s = report["scenes"]
     lines.append(f"{s['single']} single-source scenes, {s['head_turn']} head-turn scenes, hop {report['hop_latents']} latents")
     if "seams" in report:
