@@ -109,10 +109,12 @@ def test_bench_latency_measures_at_the_device(jack, tiny_models, tmp_path):
 
     export_engine(tmp_path / "engine", tiny_models["student"])
     done = subprocess.run([sys.executable, "-m", "visaudio.cli", "bench", "latency", "--engine", str(tmp_path / "engine"),
-                           "--seconds", "4", "--json"], capture_output=True, text=True, timeout=120)
+                           "--seconds", "4", "--json", "--plot", str(tmp_path / "latency.png")],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["yaw_steps"] >= 2 and report["motion_to_sound_ms"]["n"] >= 1
     assert 0 < report["motion_to_sound_ms"]["p50"] < 500
     assert 40 < report["video_to_sound_ms"]["p50"] < 1000  # at least a hop + the decoder lag
     assert isinstance(report["underflows"], int) and report["hops"] > 30
+    assert report["plot"] == str(tmp_path / "latency.png") and (tmp_path / "latency.png").stat().st_size > 10_000

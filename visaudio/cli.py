@@ -311,8 +311,11 @@ def cmd_bench_latency(args) -> int:
                 if engine is None:
                     engine = tmp
                     export_engine(tmp, hop=args.hop, batch=streams)
+                plot = args.plot and (args.plot if len(args.streams) == 1 else
+                                      str(Path(args.plot).with_suffix(f".streams{streams}.png")))
                 report = bench_latency(engine, seconds, args.backend, args.threads, streams=streams,
-                                       progress=not args.json, device_ms=args.device_ms, blocksize=args.blocksize)
+                                       progress=not args.json, device_ms=args.device_ms, blocksize=args.blocksize,
+                                       plot=plot)
             report["cpu"] = cpu_name()
             reports.append(report)
     except (EngineError, ValueError, OSError) as exc:
@@ -334,6 +337,8 @@ def cmd_bench_latency(args) -> int:
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
               f"({report['rss_mb']['growth_percent']:+.1f}%); page faults {report['page_faults']['minor']} minor, "
               f"{report['page_faults']['major']} major")
+        if "plot" in report:
+            print(f"  plot: {report['plot']}")
     return 0
 
 
@@ -622,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(25 ms holds on a 2-core CPU; a GPU engine leaves the feeder thread free to run with less)")
     p.add_argument("--blocksize", type=int, default=256,
                    help="device frames per callback (match the JACK period, -p)")
+    p.add_argument("--plot", help="PNG: the played lateral angle around the yaw steps and both latency histograms")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_latency)
 
