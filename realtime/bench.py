@@ -193,7 +193,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "concealed_frames": sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values()),
             "rejected": stats["rejected_total"]}
     if plot:
-        report["plot"] = str(plot_latency(report, lateral_t, lateral, steps, motion, video, plot))
+        report["plot"] = plot_latency(report, lateral_t, lateral, steps, motion, video, plot)
     return report
 
 
@@ -211,7 +211,7 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
         origin = steps[0][0]
         shown = (lateral_t >= origin - 0.5) & (lateral_t <= origin + 4.5)
         trace.plot((lateral_t[shown] - origin) * 1e3, lateral[shown], lw=1)
-        for sent, before, after in steps:
+        for sent, *_ in steps:
             if sent - origin <= 4.5:
                 trace.axvline((sent - origin) * 1e3, color="k", ls="--", lw=0.8)
         trace.set_xlabel("ms after the first yaw step was sent (dashed: steps)")
@@ -228,5 +228,5 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return str(path)
 
