@@ -4,6 +4,7 @@ import os
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
+import contextlib  # noqa: E402
 import queue  # noqa: E402
 import threading  # noqa: E402
 
@@ -60,6 +61,20 @@ def tiny_models(tmp_path_factory):
 # every runtime socket on a free loopback port; a generous wait, so a slow test machine never conceals
 LOCAL_RUNTIME = RuntimeConfig(frames="tcp://127.0.0.1:*", pose="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
                               audio="tcp://127.0.0.1:*", max_wait_ms=150.0)
+
+
+@contextlib.contextmanager
+def running(runtime: Runtime):
+    """The runtime's loop in a thread; yields (endpoints, stop event, thread), then stops and closes it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        yield runtime.endpoints(), stop, thread
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        runtime.close()
 
 
 @pytest.fixture

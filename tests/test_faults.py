@@ -119,31 +119,33 @@ def test_a_producer_with_a_new_clock_restarts_its_stream(live):
     assert stats["counts"]["stream restarts"] == 1 and stats["streams"]["4"]["late_frames"] == 0
 
 
-def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
-    """One hop takes 500 ms: the runtime counts the miss, runs the hops that fell due, and the stream's
-    output has no hole."""
+def _delayed_runner(tiny_models, delay):
+    """The tiny student's torch runner (hop 4, batch 1) that sleeps delay(call, hop_seconds) before each hop."""
     from engine.hop import StreamGenerator
     from engine.model import load_model
-    from realtime.runtime import Runtime
-
-    from conftest import LOCAL_RUNTIME
 
     model, _ = load_model(tiny_models["student"])
     runner = StreamGenerator(model, 4, 1)
-    original, calls = runner.hop, [0]
+    original, calls, hop_seconds = runner.hop, [0], runner.g.samples / 16000
 
-    def stalling_hop(*args, **kwargs):
+    def delayed_hop(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 5:
-            time.sleep(0.5)
+        time.sleep(delay(calls[0], hop_seconds))
         return original(*args, **kwargs)
 
-    runner.hop = stalling_hop
-    runtime = Runtime(runner, 16000, LOCAL_RUNTIME)
-    endpoints, stop = runtime.endpoints(), threading.Event()
-    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
-    thread.start()
-    try:
+    runner.hop = delayed_hop
+    return runner
+
+
+def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
+    """One hop takes 500 ms: the runtime counts the miss, runs the hops that fell due, and the stream's
+    output has no hole."""
+    from realtime.runtime import Runtime
+
+    from conftest import LOCAL_RUNTIME, running
+
+    runner = _delayed_runner(tiny_models, lambda call, hop_seconds: 0.5 if call == 5 else 0.0)
+    with running(Runtime(runner, 16000, LOCAL_RUNTIME)) as (endpoints, _, _):
         frames, pose = _clip(seconds=1.6, seed=6)
         with Client(stream=0, endpoints=endpoints) as client:
             time.sleep(0.3)
@@ -155,10 +157,6 @@ def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
             hops = len(frames) // 2 - 1
             audio, _ = _collect(client, hops * 1280)
             stats = client.control("stats")["stats"]
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        runtime.close()
     assert len(audio) == hops * 1280  # nothing lost
     assert stats["counts"]["deadline misses"] == 1 and stats["streams"]["0"]["late_frames"] == 0
 
@@ -166,19 +164,9 @@ def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
 def test_an_engine_slower_than_real_time_still_stops_when_asked(tiny_models):
     """Every hop takes 1.5 hops of time and the clocked output is always dry, so a hop is always due:
     the loop keeps answering control requests and returns soon after it is told to stop."""
-    from engine.hop import StreamGenerator
-    from engine.model import load_model
     from realtime.runtime import Runtime
 
-    from conftest import LOCAL_RUNTIME
-
-    model, _ = load_model(tiny_models["student"])
-    runner = StreamGenerator(model, 4, 1)
-    hop_seconds, original = runner.g.samples / 16000, runner.hop
-
-    def slow_hop(*args, **kwargs):
-        time.sleep(1.5 * hop_seconds)
-        return original(*args, **kwargs)
+    from conftest import LOCAL_RUNTIME, running
 
     class DryOutput:
         def __call__(self, *hop):
@@ -187,12 +175,8 @@ def test_an_engine_slower_than_real_time_still_stops_when_asked(tiny_models):
         def slack(self):
             return 0.0
 
-    runner.hop = slow_hop
-    runtime = Runtime(runner, 16000, LOCAL_RUNTIME, [DryOutput()])
-    endpoints, stop = runtime.endpoints(), threading.Event()
-    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
-    thread.start()
-    try:
+    runner = _delayed_runner(tiny_models, lambda call, hop_seconds: 1.5 * hop_seconds)
+    with running(Runtime(runner, 16000, LOCAL_RUNTIME, [DryOutput()])) as (endpoints, stop, thread):
         frames, pose = _clip(seconds=0.4, seed=7)
         with Client(stream=0, endpoints=endpoints) as client:
             client.send_frame(frames[0], 0)
@@ -201,8 +185,4 @@ def test_an_engine_slower_than_real_time_still_stops_when_asked(tiny_models):
         stop.set()
         thread.join(timeout=2.0)
         assert not thread.is_alive(), "the loop did not return within 2 s of being stopped"
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        runtime.close()
     assert stats["counts"]["deadline misses"] >= 3

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from conftest import LOCAL_RUNTIME as LOCAL
+from conftest import LOCAL_RUNTIME as LOCAL, running
 
 def _clip(seconds=1.2, seed=0):
     rng = np.random.default_rng(seed)
@@ -111,7 +111,6 @@ def test_stream_cli_plays_files_into_a_wav_and_stops_cleanly_on_sigterm(tiny_mod
 
 
 def test_curve_admits_only_known_clients_and_remote_binds_need_it(tiny_models, tmp_path):
-    import threading
     from dataclasses import replace
 
     import pytest
@@ -131,11 +130,7 @@ def test_curve_admits_only_known_clients_and_remote_binds_need_it(tiny_models, t
         Runtime(runner, 16000, replace(LOCAL, frames="tcp://0.0.0.0:*"))
     cfg = replace(LOCAL, curve_secret=str(tmp_path / "server" / "runtime.key_secret"),
                   curve_clients=str(tmp_path / "allowed"))
-    runtime = Runtime(runner, 16000, cfg, context=zmq.Context())
-    endpoints, stop = runtime.endpoints(), threading.Event()
-    thread = threading.Thread(target=runtime.run, args=(stop.is_set,), daemon=True)
-    thread.start()
-    try:
+    with running(Runtime(runner, 16000, cfg, context=zmq.Context())) as (endpoints, _, _):
         server = str(tmp_path / "server" / "runtime.key")
         frame = np.zeros((64, 64, 3), np.uint8)
         with Client(1, endpoints, curve_secret=str(tmp_path / "other" / "stranger.key_secret"), curve_server=server) as bad:
@@ -149,10 +144,6 @@ def test_curve_admits_only_known_clients_and_remote_binds_need_it(tiny_models, t
             assert good.receive(3000) is not None  # audio comes back, encrypted end to end
             stats = good.control("stats")["stats"]
         assert stats["counts"]["frames"] == 6 and list(stats["streams"]) == ["0"]  # the stranger never got in
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        runtime.close()
 
 
 def test_stream_cli_captures_a_camera_through_pyav(tiny_models, tmp_path):
