@@ -92,9 +92,8 @@ def sample_frames(cache, labels: np.ndarray, clips: range, count: int, rng: np.r
         clip, frame = np.concatenate([clip, extra_clip + clips.start]), np.concatenate([frame, extra_frame])
     order = np.lexsort((frame, clip))  # memory-mapped reads in file order
     clip, frame = clip[order], frame[order]
-    if pairs:
-        return np.stack([cache.frames[c, [max(f - 1, 0), f]] for c, f in zip(clip, frame)]), labels[clip, frame]
-    return np.stack([cache.frames[c, f] for c, f in zip(clip, frame)]), labels[clip, frame]
+    pick = (lambda f: [max(f - 1, 0), f]) if pairs else (lambda f: f)
+    return np.stack([cache.frames[c, pick(f)] for c, f in zip(clip, frame)]), labels[clip, frame]
 
 
 def scores(logits: torch.Tensor, truth: torch.Tensor) -> dict:
