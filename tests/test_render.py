@@ -6,8 +6,9 @@ from scipy import signal
 from engine.geometry import SPEED_OF_SOUND, PinholeCamera, head_relative, unit_vector
 from training.hrtf import load_hrtf
 from training.metrics import binaural_cues, detect_onsets
-from training.render import BLOCK_SECONDS, fractional_delay, render_audio, render_frames, time_varying_fir
-from training.scene_spec import parse_scene
+from training.render import (BLOCK_SECONDS, fractional_delay, late_reverb, render_audio, render_frames,
+                             time_varying_fir)
+from training.scene_spec import Room, default_listener, parse_scene
 from training.sounds import KINDS
 
 SR = 16000
@@ -129,6 +130,57 @@ def test_room_adds_reflections_and_a_decaying_tail():
     e1 = np.sum(wet[:, int(0.35 * SR):int(0.45 * SR)] ** 2)
     e2 = np.sum(wet[:, int(0.65 * SR):int(0.75 * SR)] ** 2)
     assert 10 * np.log10(e1 / e2) == pytest.approx(36.0, abs=6.0)
+
+
+def test_late_reverb_keeps_the_diffuse_field_coherence_of_the_measured_head():
+    """A diffuse field reaches the ears coherent at low frequencies (the head is small against the
+    wavelength) and incoherent at high ones; independent noise per ear would be incoherent everywhere."""
+    room = Room((6.0, 5.0, 3.0), (3.0, 2.5, 1.5), 0.5)
+    noise = np.random.default_rng(0).normal(0, 1, 12 * SR)
+    wet = late_reverb(noise, room, load_hrtf("axd1", SR), np.random.default_rng(1))[:, SR:]
+    freqs, coherence = signal.coherence(wet[0], wet[1], fs=SR, nperseg=512)
+    assert coherence[(freqs > 50) & (freqs < 300)].mean() > 0.5
+    assert coherence[freqs > 2000].mean() < 0.3
+
+
+def test_a_room_is_drawn_around_the_listener_where_its_edges_are():
+    """Room 8 x 6 x 3 m, listener centred at 1.5 m, looking along +x: the front wall is 4 m ahead, the side
+    walls 3 m away, so its corners are at azimuth +-atan(3/4) and its top and bottom edges at +-atan(1.5/4)."""
+    room = {"size": [8, 6, 3], "rt60": 0.4, "listener": [4, 3, 1.5]}
+    frames, _, _ = render_frames(scene([static("speech", 180.0)], duration=0.04, room=room))
+    outdoors, _, _ = render_frames(scene([static("speech", 180.0)], duration=0.04))
+    img = frames[0].astype(int)
+    assert np.abs(img - outdoors[0].astype(int)).mean() > 20  # no sky, no ground: walls
+    cam = PinholeCamera(128, 128, 90.0)
+
+    def dark(pixels):
+        return pixels.sum(axis=-1) < 200
+
+    for v in (64 - cam.focal * 1.5 / 4, 64 + cam.focal * 1.5 / 4):  # ceiling and floor edges, centre column
+        rows = np.nonzero(dark(img[:, 60:68]).all(axis=1))[0] + 0.5
+        assert np.min(np.abs(rows - v)) <= 1.0
+    for u in (64 - cam.focal * 0.75, 64 + cam.focal * 0.75):  # vertical corners, middle rows
+        cols = np.nonzero(dark(img[56:72]).all(axis=0))[0] + 0.5
+        assert np.min(np.abs(cols - u)) <= 1.0
+    assert default_listener([8, 6, 3]) == [4, 3, 1.5]
+
+
+def test_random_room_scenes_keep_their_sources_inside_the_room():
+    from training.sampler import random_scene
+    from training.render import source_positions
+
+    checked = 0
+    for seed in range(1_000_000, 1_000_600):  # 5% of room scenes left the room before the clamp
+        obj = random_scene(seed)
+        if "room" not in obj:
+            continue
+        spec = parse_scene(obj)
+        times = np.linspace(0, spec.duration, 81)
+        for src in spec.sources:
+            absolute = source_positions(src, times) + np.array(spec.room.listener)
+            assert np.all(absolute > 0) and np.all(absolute < np.array(spec.room.size)), seed
+        checked += 1
+    assert checked > 150
 
 
 def test_drawn_position_matches_metadata():

@@ -8,8 +8,13 @@ Audio, per source and per propagation path (direct, plus six first-order image s
   4. the onset-aligned HRIR interpolated at block boundaries (4 ms), applied by overlap-save and
      crossfaded linearly across each block, which is exactly a filter whose taps move linearly in time:
      no clicks, no zipper noise.
-The late reverb of a room is an exponentially decaying, interaurally independent noise tail whose energy
-follows Sabine's critical distance.
+The late reverb of a room is a diffuse field: independent exponentially decaying noises arriving from
+DIFFUSE_DIRECTIONS directions spread evenly over the sphere, each through the HRTF of its direction, so
+the two ears keep the measured head's diffuse-field coherence (coherent below ~500 Hz, incoherent
+above ~1.5 kHz; Borss & Martin 2009). Its energy follows Sabine's critical distance.
+
+Video: outdoors, sky, mountains and a checkered ground; in a room, its walls, floor and ceiling seen
+from the listener's position, so the picture tells a generator when to expect reflections and reverb.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ MIN_DISTANCE = 0.25  # m: 1/r attenuation is clamped here
 ATTACK_SECONDS, RELEASE_SECONDS = 0.005, 0.030
 FLASH_SECONDS = 0.12  # on-screen flash after an event onset
 CAMERA_HEIGHT = 1.6  # m above the ground plane drawn in the video
+DIFFUSE_DIRECTIONS = 256  # plane waves of the tail; from 64 to 256 no band's coherence moved by more than 0.07
 
 
 @dataclass
@@ -205,8 +211,18 @@ def render_path(dry: np.ndarray, positions: np.ndarray, yaw_pitch_roll: np.ndarr
     return time_varying_fir(out * amplitude, filters, block)
 
 
+def sphere_directions(count: int) -> np.ndarray:
+    """(count, 3) unit vectors spread evenly over the sphere (Fibonacci lattice)."""
+    i = np.arange(count) + 0.5
+    z = 1 - 2 * i / count
+    phi = np.pi * (1 + 5 ** 0.5) * i
+    r = np.sqrt(1 - z ** 2)
+    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
+
+
 def late_reverb(dry_sum: np.ndarray, room: Room, hrtf: HrtfSet, rng: np.random.Generator) -> np.ndarray:
-    """Diffuse tail: its energy equals the direct energy at Sabine's critical distance."""
+    """Diffuse tail through the HRTF from DIFFUSE_DIRECTIONS directions; its energy per ear equals the
+    direct energy at Sabine's critical distance."""
     sr = hrtf.sample_rate
     volume = float(np.prod(room.size))
     critical = 0.057 * np.sqrt(volume / room.rt60)
@@ -214,7 +230,18 @@ def late_reverb(dry_sum: np.ndarray, room: Room, hrtf: HrtfSet, rng: np.random.G
     t = np.arange(length) / sr
     start = 0.02  # mixing time: the first-order reflections are rendered explicitly before this
     envelope = np.exp(-6.91 * t / room.rt60) * np.clip((t - start) / 0.01, 0.0, 1.0)
-    tail = rng.normal(0, 1, (2, length)) * envelope
+    directions = sphere_directions(DIFFUSE_DIRECTIONS)
+    az, el, _ = to_spherical(directions)
+    filters, onsets = hrtf.lookup(az, el)  # (D, 2, L), (D, 2)
+    delays = (onsets - onsets.min()) * sr
+    span = int(np.ceil(delays.max())) + SINC_HALF_TAPS + filters.shape[-1]
+    impulse = np.zeros(span)
+    impulse[0] = 1.0
+    responses = np.stack([[signal.fftconvolve(fractional_delay(impulse, np.full(span, delays[d, ear])),
+                                              filters[d, ear])[:span] for ear in range(2)]
+                          for d in range(len(directions))])  # (D, 2, span): HRIR with its onset
+    noise = rng.normal(0, 1, (len(directions), 1, length)) * envelope
+    tail = signal.fftconvolve(noise, responses, axes=-1).sum(axis=0)[:, :length]
     diffuse_gain = np.mean(np.sum(hrtf.filters ** 2, axis=-1), axis=0)  # diffuse-field HRTF energy per ear
     tail *= np.sqrt(diffuse_gain[:, None] / critical ** 2 / np.sum(tail ** 2, axis=-1, keepdims=True))
     return signal.fftconvolve(dry_sum[None, :], tail, axes=-1)[:, : len(dry_sum)]
@@ -310,6 +337,45 @@ def _background(world_rays: np.ndarray, mountains) -> np.ndarray:
     return np.where(ground[..., None], ground_color, img)
 
 
+def _room_palette(seed: int) -> np.ndarray:
+    """(6, 3) base colours of the faces x=0, x=X, y=0, y=Y (walls), z=0 (floor), z=Z (ceiling)."""
+    rng = np.random.default_rng([seed, 11])
+    walls = 150 + rng.uniform(0, 90, (4, 3))
+    floor = np.array([130, 100, 70.0]) * rng.uniform(0.7, 1.2)
+    return np.vstack([walls, floor, [228, 226, 218.0]])
+
+
+def _room_interior(world_rays: np.ndarray, room: Room, palette: np.ndarray) -> np.ndarray:
+    """The walls, floor and ceiling of a shoebox seen from the listener: each ray's first face hit.
+
+    Tiled floor (0.5 m), wall panels 1 m wide above a skirting board, dark lines along the room's edges,
+    light falling off with distance: the perspective shows the room's size and the head's turn in it.
+    """
+    size, origin = np.array(room.size), np.array(room.listener)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exits = np.where(world_rays > 0, (size - origin) / world_rays,
+                         np.where(world_rays < 0, -origin / world_rays, np.inf))
+    axis = np.argmin(exits, axis=-1)
+    distance = np.take_along_axis(exits, axis[..., None], -1)
+    hit = origin + distance * world_rays
+    face = 2 * axis + (np.take_along_axis(world_rays, axis[..., None], -1)[..., 0] > 0)
+    img = palette[face]
+    x, y, z = hit[..., 0], hit[..., 1], hit[..., 2]
+    floor, ceiling, wall = face == 4, face == 5, face < 4
+    tile = (np.floor(x / 0.5) + np.floor(y / 0.5)) % 2
+    img = np.where(floor[..., None], img * (0.85 + 0.15 * tile)[..., None], img)
+    along = np.where(axis == 0, y, x)  # the horizontal coordinate along a wall
+    line = 0.012 * distance[..., 0]  # about one pixel at this distance
+    panel = np.abs(along - np.round(along)) < line
+    img = np.where((wall & panel)[..., None], img * 0.8, img)
+    img = np.where((wall & (z < 0.1))[..., None], np.array([70, 60, 55.0]), img)
+    edge_gap = np.minimum(hit, size - hit)
+    on_edge = np.sum(edge_gap < line[..., None], axis=-1) >= 2  # near a second face: a corner line
+    img = np.where(on_edge[..., None], np.array([50, 45, 45.0]), img)
+    shade = 0.7 + 0.3 * np.exp(-distance / 6.0)
+    return img * shade * np.where(ceiling, 1.0, 0.95)[..., None]
+
+
 def _event_state(src: Source, t: float) -> tuple[bool, float]:
     """(active, flash) of a source at time t; flash decays from 1 at each onset."""
     if src.events is None:
@@ -332,12 +398,15 @@ def render_frames(spec: SceneSpec):
     rotations = head_rotation(ypr[:, 0], ypr[:, 1], ypr[:, 2])
     positions = [source_positions(s, times) for s in spec.sources]
     mountains = _horizon_profile(spec.seed)
+    palette = _room_palette(spec.seed)
     frames = np.empty((count, height, width, 3), np.uint8)
     per_frame = []
     rows, cols = np.arange(height) + 0.5, np.arange(width) + 0.5
     for f in range(count):
         rot = rotations[f]
-        img = _background(rays @ rot.T, mountains)
+        world_rays = rays @ rot.T
+        img = (_background(world_rays, mountains) if spec.room is None
+               else _room_interior(world_rays, spec.room, palette))
         states = []
         for i, src in enumerate(spec.sources):
             local = rot.T @ positions[i][f]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from training.scene_spec import default_listener
 from training.sounds import KINDS
 
 START_OFFSET_DEG = 30.0  # the head starts within +-30 degrees of the loudest source (inside a 90-degree view)
@@ -48,6 +49,17 @@ def _head(rng: np.random.Generator, duration: float, yaw0: float, pitch0: float)
         roll = float(np.clip(roll + rng.normal(0, 4), -15, 15))
 
 
+ROOM_MARGIN = 0.3  # m: sources in a room stay this far below the ceiling and above the floor
+
+
+def _inside_room(elevation: float, distance: float, room_size) -> float:
+    """The elevation clamped so that a source at this distance from the listener is inside the room."""
+    height, ears = room_size[2], default_listener(room_size)[2]
+    lo = np.degrees(np.arcsin(np.clip((ROOM_MARGIN - ears) / distance, -1, 1)))
+    hi = np.degrees(np.arcsin(np.clip((height - ROOM_MARGIN - ears) / distance, -1, 1)))
+    return float(np.clip(elevation, lo, hi))
+
+
 def random_scene(seed: int, duration: float = 8.0, num_sources: int | None = None,
                  sample_rate: int = 16000, fps: float = 25.0, frame_size=(128, 128),
                  room: bool | None = None) -> dict:
@@ -57,13 +69,14 @@ def random_scene(seed: int, duration: float = 8.0, num_sources: int | None = Non
     count = int(num_sources) if num_sources is not None else int(rng.integers(1, 5))
     use_room = bool(rng.random() < ROOM_PROBABILITY) if room is None else room
     room_size = [_r(rng.uniform(5, 12)), _r(rng.uniform(5, 12)), _r(rng.uniform(2.6, 4.0))]
-    max_distance = 0.45 * min(room_size[:2]) if use_room else 8.0
+    max_distance = 0.45 * min(room_size[:2]) if use_room else 8.0  # inside the walls around a centred listener
+    place = (lambda el, dist: _inside_room(el, dist, room_size)) if use_room else (lambda el, dist: el)
     sources, loudness = [], []
     for i in range(count):
         kind = kinds[rng.integers(len(kinds))]
         az0, el0 = rng.uniform(-180, 180), rng.uniform(-15, 25)
         dist0 = rng.uniform(1.0, max_distance)
-        trajectory = [{"t": 0.0, "azimuth": _r(az0), "elevation": _r(el0), "distance": _r(dist0)}]
+        trajectory = [{"t": 0.0, "azimuth": _r(az0), "elevation": _r(place(el0, dist0)), "distance": _r(dist0)}]
         if rng.random() < 0.4:  # a moving source
             t = 0.0
             az, el, dist = az0, el0, dist0
@@ -72,7 +85,8 @@ def random_scene(seed: int, duration: float = 8.0, num_sources: int | None = Non
                 az += rng.uniform(-50, 50)
                 el = float(np.clip(el + rng.uniform(-10, 10), -20, 35))
                 dist = float(np.clip(dist + rng.uniform(-1.5, 1.5), 1.0, max_distance))
-                trajectory.append({"t": _r(t), "azimuth": _r(az), "elevation": _r(el), "distance": _r(dist)})
+                trajectory.append({"t": _r(t), "azimuth": _r(az), "elevation": _r(place(el, dist)),
+                                   "distance": _r(dist)})
         source = {"kind": kind, "trajectory": trajectory, "gain_db": _r(rng.uniform(-6, 6)),
                   "visible": bool(i == 0 or rng.random() < 0.7)}
         if KINDS[kind].impulsive or rng.random() < 0.5:

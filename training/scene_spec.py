@@ -203,14 +203,18 @@ def _source(obj: Any, path: str, base_dir: Path | None, duration: float) -> Sour
     return Source(kind, trajectory, events, wav, visible, gain)
 
 
+def default_listener(size) -> list[float]:
+    """Where a room's listener stands unless the scene says: centred, ears at 1.6 m (or mid-height)."""
+    return [size[0] / 2, size[1] / 2, min(1.6, size[2] / 2)]
+
+
 def _room(obj: Any) -> Room:
     obj = _object(obj, "room")
     size = _list(obj, "size", "room", min_len=3)
     if len(size) != 3:
         raise SceneSpecError("room.size", f"expected [x, y, z], got {len(size)} values")
     dims = tuple(_check_number(v, f"room.size[{i}]", lo=1.0, hi=200.0) for i, v in enumerate(size))
-    default_listener = [dims[0] / 2, dims[1] / 2, min(1.6, dims[2] / 2)]
-    listener = obj.get("listener", default_listener)
+    listener = obj.get("listener", default_listener(dims))
     if not isinstance(listener, list) or len(listener) != 3:
         raise SceneSpecError("room.listener", "expected [x, y, z] inside the room")
     pos = []
