@@ -79,3 +79,4 @@ def test_cli_rejects_invalid_json(tmp_path, capsys):
 def test_good_spec_round_trips_through_json():
     spec = parse_scene(GOOD)
     assert parse_scene(json.loads(json.dumps(spec.to_json()))) == spec
+    assert parse_scene(spec.to_json()) == spec  # plain JSON already (the eval re-renders from clip metadata)

@@ -6,7 +6,9 @@ Scenes (never seen in training: seeds from EVAL_SEED, training caches start at 1
 Systems: the model (a distilled student or a teacher), optionally its teacher, and the two baselines on
 the mono model: mono copied to both ears, and two-stage (mono + HRTF at the visually localised
 direction). All generate through engine.generate, the runtime's hop loop, from the rendered frames and
-head pose; the audio of the scene is only the reference.
+head pose; the audio of the scene is only the reference. Two ceilings that generate nothing: the
+reference through the VAE, and the reference with its room's late tail drawn again (`another_tail`:
+the cue errors no renderer can go under, since the tail's noise is not in the scene).
 
 Reported per system:
   stft_distance, envelope_distance, itd_error_us, ild_error_db, ic_error: mean over single scenes
@@ -89,6 +91,17 @@ def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 
         outs += list(generate_batch(model, frames, group[0].fps, [s.pose for s in group], [s.seed for s in group],
                                     hop_latents, times))
     return outs
+
+
+def another_tail(scenes: list[EvalScene]) -> list[np.ndarray]:
+    """Each reference with its room's late tail drawn again (render_audio's tail_draw 1): the same room,
+    sources, head and reflections, a diffuse tail of other noise. A renderer that knew everything in the
+    scene would still differ from the reference this much. Anechoic and head-turn scenes: the reference."""
+    from training.render import render_audio
+    from training.scene_spec import parse_scene
+
+    return [(render_audio(parse_scene(s.meta["scene"]), tail_draw=1) * s.meta["mix_gain"]).astype(np.float32)
+            if s.kind == "single" and s.meta["scene"].get("room") else s.audio for s in scenes]
 
 
 def mono_copy(mono_outputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -216,6 +229,7 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
     with torch.no_grad():  # the ceiling: the ground truth through the VAE (encode -> streaming decode)
         recon = [model.vae.reconstruct(torch.from_numpy(s.audio.astype(np.float32))).numpy() for s in scenes]
     report["systems"]["VAE re-encoded truth"] = score(recon, scenes)
+    report["systems"]["truth, another late tail"] = score(another_tail(scenes), scenes)
     out = run_model(model, scenes, hop_latents, progress=progress)
     report["systems"][model.role] = {"evaluations_per_hop": model.sampler.evaluations, **score(out, scenes)}
     outputs[model.role] = out

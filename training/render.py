@@ -35,6 +35,7 @@ MIN_DISTANCE = 0.25  # m: 1/r attenuation is clamped here
 ATTACK_SECONDS, RELEASE_SECONDS = 0.005, 0.030
 FLASH_SECONDS = 0.12  # on-screen flash after an event onset
 CAMERA_HEIGHT = 1.6  # m above the ground plane drawn in the video
+TAIL_STREAM = 1_000_003  # the late tail's random stream of a scene's seed (plus render_audio's tail_draw)
 DIFFUSE_DIRECTIONS = 256  # plane waves of the tail; from 64 to 256 no band's coherence moved by more than 0.07
 
 
@@ -247,9 +248,10 @@ def late_reverb(dry_sum: np.ndarray, room: Room, hrtf: HrtfSet, rng: np.random.G
     return signal.fftconvolve(dry_sum[None, :], tail, axes=-1)[:, : len(dry_sum)]
 
 
-def render_audio(spec: SceneSpec, hrtf: HrtfSet | None = None) -> np.ndarray:
-    """Ground-truth binaural audio (2, N) float64 of a scene (before the mix gain)."""
-    return render_audio_and_levels(spec, hrtf)[0]
+def render_audio(spec: SceneSpec, hrtf: HrtfSet | None = None, tail_draw: int = 0) -> np.ndarray:
+    """Ground-truth binaural audio (2, N) float64 of a scene (before the mix gain); see
+    render_audio_and_levels for tail_draw."""
+    return render_audio_and_levels(spec, hrtf, tail_draw)[0]
 
 
 def frame_levels_db(direct: np.ndarray, sample_rate: int, fps: float, count: int) -> np.ndarray:
@@ -259,8 +261,13 @@ def frame_levels_db(direct: np.ndarray, sample_rate: int, fps: float, count: int
     return 10 * np.log10(np.maximum(power, 1e-20))
 
 
-def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(binaural audio (2, N), each source's direct-sound level at the ears per video frame (S, F) dB)."""
+def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None,
+                            tail_draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(binaural audio (2, N), each source's direct-sound level at the ears per video frame (S, F) dB).
+
+    A room's late tail is random noise (a diffuse field); tail_draw picks its draw. Draw 0 is the
+    scene's own; another draw is the same room, sources and reflections with a tail nobody could have
+    predicted from the scene (`visaudio eval` scores it: the floor of any renderer's cue errors)."""
     hrtf = hrtf or load_hrtf(spec.hrtf, spec.sample_rate)
     sr = spec.sample_rate
     n = int(round(spec.duration * sr))
@@ -282,7 +289,7 @@ def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None) -> tup
                 out += render_path(dry, image, pose, hrtf, block, gain)
             dry_sum += dry
     if spec.room is not None:
-        out += late_reverb(dry_sum, spec.room, hrtf, np.random.default_rng([spec.seed, 1_000_003]))
+        out += late_reverb(dry_sum, spec.room, hrtf, np.random.default_rng([spec.seed, TAIL_STREAM + tail_draw]))
     return out, levels
 
 

@@ -6,6 +6,7 @@ so an azimuth going 0 -> 720 circles the listener twice.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ class SceneSpec:
                 del src["wav"]
         if out["room"] is None:
             del out["room"]
-        return out
+        return json.loads(json.dumps(out))  # tuples to lists: what a JSON file would hold
 
 
 _MISSING = object()
