@@ -135,9 +135,8 @@ def test_room_adds_reflections_and_a_decaying_tail():
 def test_another_tail_draw_changes_only_the_late_tail():
     """The eval's floor (training.evaluate.another_tail): another draw of a room's tail changes the
     sound after the tail starts and nothing before; an anechoic scene has no tail to draw."""
-    events = [{"t": 0.2, "duration": 0.1}]
-    room = {"size": [6, 5, 3], "rt60": 0.5}
-    wet = scene([static("impact", 30.0, events=events)], duration=1.0, room=room)
+    source = static("impact", 30.0, events=[{"t": 0.2, "duration": 0.1}])
+    wet = scene([source], duration=1.0, room={"size": [6, 5, 3], "rt60": 0.5})
     first, again, second = render_audio(wet), render_audio(wet, tail_draw=0), render_audio(wet, tail_draw=1)
     assert np.array_equal(first, again)
     before_tail = int((0.2 + 0.02) * SR)  # the tail starts 20 ms after the sound (the mixing time)
@@ -147,7 +146,7 @@ def test_another_tail_draw_changes_only_the_late_tail():
     apart = np.sum((first - second) ** 2)
     assert apart == pytest.approx(np.sum((second - third) ** 2), rel=0.3)
     assert apart > 0.2 * np.sum(first ** 2)
-    dry = scene([static("impact", 30.0, events=events)], duration=1.0)
+    dry = scene([source], duration=1.0)
     assert np.array_equal(render_audio(dry), render_audio(dry, tail_draw=1))
 
 
