@@ -56,8 +56,10 @@ class HopGeometry:
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
            times=None, guidance: float | None = None) -> "HopGeometry":
         cfg = model.flow.cfg
-        window = cfg.window if context is None else context + hop
-        if hop % cfg.latents_per_frame or context is not None and context % cfg.latents_per_frame:
+        if context is None:  # the model's own context, capped by the trained window
+            context = cfg.window - hop if model.sampler.context is None else min(model.sampler.context, cfg.window - hop)
+        window = context + hop
+        if hop % cfg.latents_per_frame or context % cfg.latents_per_frame:
             raise ValueError(f"hop and context must be multiples of {cfg.latents_per_frame} latents (one video frame)")
         if not 0 < hop < window or window > cfg.window:
             raise ValueError(f"hop of {hop} latents with {window - hop} of context: need 0 < hop < window <= "

@@ -78,6 +78,38 @@ def test_shorter_context_is_its_own_geometry(tiny_models, tmp_path):
         export_engine(tmp_path / "bad", tiny_models["student"], hop=3)
 
 
+def test_the_sampler_context_is_the_default_geometry(tiny_models, tmp_path, capsys):
+    """`pack --context` stores the model's streaming context; every default geometry (generator, export)
+    then reads it, capped by the trained window, and an explicit context still wins."""
+    from dataclasses import replace
+
+    from engine.hop import HopGeometry, StreamGenerator
+    from engine.model import load_model
+    from visaudio.cli import main
+
+    packed = tmp_path / "packed.safetensors"
+    assert main(["pack", str(tiny_models["student"]), str(packed), "--context", "3"]) == 2  # not whole frames
+    assert "multiple of 2" in capsys.readouterr().err
+    assert main(["pack", str(tiny_models["student"]), str(packed), "--context", "4"]) == 0
+    model, info = load_model(packed)
+    original, original_info = load_model(tiny_models["student"])
+    assert model.sampler.context == 4 and info["packed_from"] == original_info.get("packed_from", tiny_models["student"].name)
+    window = model.flow.cfg.window
+    assert HopGeometry.of(model, 2).window == 6 and HopGeometry.of(model, 2, context=8).window == 10
+    assert HopGeometry.of(model, window - 2).window == window  # capped: all the trained window holds
+    assert HopGeometry.of(original, 2).window == window  # no sampler context: the trained window
+    export_engine(tmp_path / "eng", packed, hop=2)
+    ort = open_engine(tmp_path / "eng", "onnxruntime", threads=1)
+    assert ort.g.window == 6 and read_manifest(tmp_path / "eng")["hop"]["context"] == 4
+    offline = StreamGenerator(model, 2, 1)
+    model.sampler = replace(model.sampler, context=None)  # the same weights, told the context instead
+    explicit = StreamGenerator(model, 2, 1, context=4)
+    a, b = offline.init_state(), explicit.init_state()
+    for i in range(3):
+        inputs = example_inputs(ort.g, i)
+        torch.testing.assert_close(offline.hop(a, **inputs), explicit.hop(b, **inputs), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("onnx", "sha256 differs"),
     ("format", "format"),

@@ -496,9 +496,15 @@ def cmd_pack(args) -> int:
         if not 0.0 <= args.interaural_side <= 1.0:
             return _fail(f"--interaural-side must be within [0, 1], got {args.interaural_side}")
         model.sampler = replace(model.sampler, interaural_side=args.interaural_side)
-    out = save_model(args.out, model, {**provenance(info), "packed_from": Path(args.checkpoint).name}, flow_dtype=torch.float16)
+    if args.context is not None:
+        window, frame = model.flow.cfg.window, model.flow.cfg.latents_per_frame
+        if not 0 < args.context < window or args.context % frame:
+            return _fail(f"--context must be a multiple of {frame} latents within (0, {window}), got {args.context}")
+        model.sampler = replace(model.sampler, context=args.context)
+    packed_from = info.get("packed_from", Path(args.checkpoint).name)  # repacking keeps the training output's name
+    out = save_model(args.out, model, {**provenance(info), "packed_from": packed_from}, flow_dtype=torch.float16)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16, "
-          f"interaural side {model.sampler.interaural_side:g})")
+          f"interaural side {model.sampler.interaural_side:g}, context {model.sampler.context or 'the whole window'})")
     return 0
 
 
@@ -668,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="model checkpoint (default: checkpoints/default.safetensors)")
     p.add_argument("--out", required=True)
     p.add_argument("--hop", type=int, default=4, help="latents per hop (default 4 = 80 ms)")
-    p.add_argument("--context", type=int, help="latents of context (default: the trained window minus the hop)")
+    p.add_argument("--context", type=int, help="latents of context (default: the model's sampler context, else the trained window minus the hop)")
     p.add_argument("--steps", type=int, help="uniform Euler steps (default: the model's own sampler times)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="independent streams per graph call")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
@@ -772,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interaural-side", type=float,
                    help="set the sampler's share of the centred ears' difference that is decoded (0-1; "
                         "0 = both ears from their mean; see engine.interaural.mix_ears)")
+    p.add_argument("--context", type=int,
+                   help="set the latents of clean context each streaming hop reads (engine.model.SamplerConfig)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("render", help="generate binaural audio for a video (its audio track is ignored), offline",
