@@ -20,7 +20,13 @@ import numpy as np
 
 
 MAX_DRIFT_CORRECTION = 0.005
-MAX_EXCESS_SECONDS = 0.04  # more buffered than the settled level than this (a stalled device): drop it
+# Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
+# (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
+# back, and drift correction takes it back at <= MAX_DRIFT_CORRECTION (NetEq: expand, then
+# accelerate); dropping it all at once left the next hops as late as the first, one underrun per
+# hop while compute stayed slow. Longer gaps and backlogs (a stalled device, a producer stall) are
+# dropped down to it.
+MAX_EXCESS_SECONDS = 0.04
 TAPS = 32  # per side... of the sinc kernel, in input samples
 
 
@@ -82,8 +88,11 @@ class HeadphoneSink:
     and written. So a head turn reaches the ears in about device_ms + the device's own buffer, not a
     whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived (the slack
     for a later hop to arrive late); the buffered amount then settles at a level that drift correction
-    holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). The
-    device callback is rtmixer's, in C: it copies from the ring and nothing else."""
+    holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). When
+    the ring runs dry, playback restarts `margin_ms` after audio is back (prebuffered again), up to
+    MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest of the audio it stood for is
+    dropped (NetEq's expand, then accelerate). The device callback is rtmixer's, in C: it copies from the ring
+    and nothing else."""
 
     def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 20.0,
                  device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
@@ -115,6 +124,7 @@ class HeadphoneSink:
         self.playbacks: list[_Playback] = []
         self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
         self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
+        self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
         self.resampler = Resampler()
         self.rotation = LateRotation(sample_rate) if late_rotation else None
         self.block = sample_rate // 200
@@ -124,7 +134,7 @@ class HeadphoneSink:
         self.taken = 0  # samples taken (feeder thread)
         self.yaw_now: float | None = None
         self.correction = self.error = 0.0
-        self.skipped = 0  # missing device frames already compensated by dropping audio
+        self.skipped = 0  # missing device frames already handled (kept as latency or dropped)
         self.dropped = 0  # model samples dropped after underflows and device stalls (latency kept)
         # for `visaudio bench latency`: what went into the ring (ring frame k plays at device_time(k)),
         # and (first model sample, ring frame) of every 5 ms block; preallocated, pages touched now
@@ -221,8 +231,9 @@ class HeadphoneSink:
         if self.playing:
             self._watch_playback()
         lost = 0
-        if self.missing > self.skipped:  # the device played silence: drop as much audio to keep the latency
-            lost = int((self.missing - self.skipped) / self.ratio)
+        if self.missing > self.skipped:  # the device played silence: drop what exceeds MAX_EXCESS_SECONDS of it
+            gap = (self.missing - self.skipped) / self.device_rate
+            lost = int(max(0.0, gap - MAX_EXCESS_SECONDS) * self.sample_rate)
             self.skipped = self.missing
         if self.target is not None:  # the device stalled (skipped cycles): the backlog is latency, drop it
             excess = self.slack() - self.target
@@ -248,8 +259,12 @@ class HeadphoneSink:
             self._write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
         full = self.ring.read_available >= self.device_target
         if self.gap_from is not None and not self.restarted and full:
-            self._play()
-            self.restarted = True
+            # after running dry, prebuffer `margin` again as at the start: restarting the moment audio is
+            # back left no slack, so a run of late hops ran dry on every one of them
+            self.refilled_at = self.refilled_at or _time.monotonic()
+            if _time.monotonic() >= self.refilled_at + self.margin:
+                self._play()
+                self.restarted, self.refilled_at = True, None
         if not self.playing and self.first_audio is not None and full and \
                 _time.monotonic() >= self.first_audio + self.margin:
             self.output.start()
