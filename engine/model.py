@@ -34,8 +34,8 @@ class SamplerConfig(JsonConfig):
     # there). The flow's cost grows with the window, its cues hardly at all: the shipped student at hop
     # 2 on 40 eval scenes (seed 20000) scored ITD 139.04 / 139.05 / 139.06 / 139.05 us in view, ILD
     # 2.217 / 2.218 / 2.218 / 2.218 dB, STFT 0.0640 / 0.0640 / 0.0641 / 0.0646 with 30 / 14 / 6 / 2
-    # latents of context, while a hop took 19.9 / 11.3 / 10.2 ms (onnxruntime, one Xeon thread).
-    # The shipped checkpoints use 14 (0.28 s).
+    # latents of context, while a 40 ms hop took p50 21.0 / 14.0 / 10.7 / 8.9 ms (onnxruntime, one Xeon
+    # thread, interleaved). The shipped checkpoints use 14 (0.28 s).
     context: int | None = None
 
     @property
