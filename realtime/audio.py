@@ -101,15 +101,20 @@ class HeadphoneSink:
     thread moves 5 ms blocks from that queue into the device ring, which it keeps `device_ms` full:
     each block is re-spatialised for the newest head yaw (LateRotation), resampled to the device rate
     and written. So a head turn reaches the ears in about device_ms + the device's own buffer, not a
-    whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived (the slack
-    for a later hop to arrive late); the buffered amount then settles at a level that drift correction
-    holds (the mean of the first `settle_seconds`; a slow average, capped at MAX_DRIFT_CORRECTION). When
+    whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived; over the
+    first `settle_seconds` the sink measures how much audio is still buffered when a hop arrives, and
+    then sets the level that drift correction holds (a slow average, capped at MAX_DRIFT_CORRECTION)
+    so that this is `margin_ms` (median): the slack for a hop's compute or frames to come late, the
+    same whatever the first hop happened to cost. When
     the ring runs dry, playback restarts `margin_ms` after audio is back (prebuffered again), up to
     MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest of the audio it stood for is
     dropped (NetEq's expand, then accelerate). The device callback is rtmixer's, in C: it copies from the ring
     and nothing else."""
 
-    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 20.0,
+    # margin_ms: compute here runs p50 ~21 / p99 ~33 ms per 40 ms hop, and the runtime waits for late
+    # frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms for frame
+    # jitter; video-to-sound grows ms for ms with it (p95 ~113 ms of the 120 ms target)
+    def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 28.0,
                  device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
                  capture_seconds: float = 0.0, settle_seconds: float = 2.0):
         try:
@@ -129,6 +134,7 @@ class HeadphoneSink:
         self.output_latency = 0.0
         self.level_sum = self.level_count = 0.0
         self.target: float | None = None  # seconds buffered in all (queue + ring) that drift correction holds
+        self.arrival_slack: list[float] = []  # seconds still buffered as each hop arrived, while settling
         self.device_target = int(device_ms / 1e3 * self.device_rate)
         frames = 1 << int(np.ceil(np.log2(capacity_seconds * self.device_rate)))  # PortAudio rings: 2^k
         self.ring = rtmixer.RingBuffer(8, frames)  # float32 stereo frames
@@ -169,6 +175,8 @@ class HeadphoneSink:
         if yaw is not None:  # latent j of the hop is centred at sample (j + 1) * vae_hop of this output
             centres = (np.arange(len(yaw)) + 1) * (len(pcm) / len(yaw))
             per_sample = np.interp(np.arange(len(pcm)), centres, yaw)
+        if self.playing and self.target is None:
+            self.arrival_slack.append(self.slack())
         self.queue.append((pcm, per_sample))
         self.queued += len(pcm)
         if self.first_audio is None:
@@ -250,10 +258,12 @@ class HeadphoneSink:
             gap = (self.missing - self.skipped) / self.device_rate
             lost = int(max(0.0, gap - MAX_EXCESS_SECONDS) * self.sample_rate)
             self.skipped = self.missing
-        if self.target is not None:  # the device stalled (skipped cycles): the backlog is latency, drop it
+        if self.target is not None:  # a backlog (the device stalled, a burst of hops) is latency: drop it down
+            # to MAX_EXCESS_SECONDS above the held level (the level is a mean: just after a hop arrives the
+            # buffer stands half a hop above it, and dropping to it left the next hop late)
             excess = self.slack() - self.target
             if excess > MAX_EXCESS_SECONDS:
-                lost += int(excess * self.sample_rate)
+                lost += int((excess - MAX_EXCESS_SECONDS) * self.sample_rate)
         lost = min(lost, self.queued - self.taken)
         if lost > 0:
             self._take(lost)
@@ -294,8 +304,9 @@ class HeadphoneSink:
         buffered = self.slack()
         if self.target is None:
             self.level_sum, self.level_count = self.level_sum + buffered, self.level_count + 1
-            if _time.monotonic() >= self.started_at + self.settle:
-                self.target = self.level_sum / self.level_count
+            if _time.monotonic() >= self.started_at + self.settle and self.arrival_slack:
+                # the mean level, moved by what the hops' arrivals showed: hops then find `margin` buffered
+                self.target = self.level_sum / self.level_count - (np.median(self.arrival_slack) - self.margin)
             return
         self.error += 0.0025 * ((buffered - self.target) / self.target - self.error)  # ~2 s average
         # fuller than the level: the device is slower than the producer, so shrink the output a little

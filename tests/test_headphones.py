@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from realtime.audio import MAX_EXCESS_SECONDS, Resampler
+from realtime.audio import MAX_EXCESS_SECONDS, Resampler, _kaiser, sinc_read
 
 # one JACK server per machine: every test that starts or uses it runs on the same xdist worker
 pytestmark = pytest.mark.xdist_group("jack")
@@ -89,6 +89,32 @@ def test_a_run_of_late_hops_runs_the_ring_dry_once(jack):
     assert result["underflows"] <= 2, result  # the late run once (and perhaps the run's end)
 
 
+ANCHOR = r"""
+import json, time, numpy as np
+from realtime.audio import HeadphoneSink
+sink = HeadphoneSink(16000, stream=0, margin_ms=40.0, settle_seconds=1.0)
+rng = np.random.default_rng(0)
+start, arrivals = time.monotonic(), []
+for k in range(175):  # 14 s of 80 ms hops; every hop after the first comes 30 ms later than the first implies
+    time.sleep(max(0.0, start + k * 0.08 + (0.03 if k else 0.0) - time.monotonic()))
+    arrivals.append(sink.slack())
+    sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
+sink.close()
+print(json.dumps({"arrival_ms": [None if a is None else a * 1e3 for a in arrivals], "underflows": sink.underflows}))
+"""
+
+
+def test_the_sink_settles_where_hops_find_the_margin_buffered(jack):
+    """A first hop that came early (a fast first compute) leaves the later hops short of the margin
+    (they come 30 ms later than it implies): after settling, drift correction moves the level until
+    the hops find `margin` buffered (holding the level of the first seconds kept them short for good)."""
+    done = subprocess.run([sys.executable, "-c", ANCHOR], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    arrivals = json.loads(done.stdout.strip().splitlines()[-1])["arrival_ms"]
+    assert np.median(arrivals[10:20]) < 40 - 12  # while settling: short of the margin (by ~20 ms here)
+    assert abs(np.median(arrivals[-25:]) - 40) < 8, arrivals[-25:]
+
+
 def test_resampler_blocks_join_seamlessly_and_track_a_tone():
     t = np.arange(16000) / 16000
     x = np.stack([np.sin(2 * np.pi * 1000 * t), np.sin(2 * np.pi * 3000 * t)], 1).astype(np.float32)
@@ -103,6 +129,19 @@ def test_resampler_blocks_join_seamlessly_and_track_a_tone():
     faster = Resampler()
     count = sum(len(faster.process(x[i:i + 1280], 3.0 * 1.005)) for i in range(0, 16000, 1280))
     assert abs(count - 48000 * 1.005) <= 2
+
+
+def test_the_tabled_sinc_kernel_matches_the_exact_one():
+    """sinc_read interpolates its kernel from a table; evaluated exactly at every position it differs
+    by no more than ~1e-5 of full scale (too few table rows would break this)."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (2000, 2))
+    t = rng.uniform(40, 1950, 3000)
+    for half in (8, 16):
+        idx = np.floor(t).astype(int)[:, None] + np.arange(-half + 1, half + 1)[None, :]
+        dist = t[:, None] - idx
+        exact = np.einsum("nk,nkc->nc", np.sinc(dist) * _kaiser(dist / half, 8.0), x[idx])
+        assert np.abs(sinc_read(x, t, half) - exact).max() < 2e-5
 
 
 
