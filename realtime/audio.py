@@ -111,9 +111,9 @@ class HeadphoneSink:
     dropped (NetEq's expand, then accelerate). The device callback is rtmixer's, in C: it copies from the ring
     and nothing else."""
 
-    # margin_ms: compute here runs p50 ~21 / p99 ~33 ms per 40 ms hop, and the runtime waits for late
-    # frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms for frame
-    # jitter; video-to-sound grows ms for ms with it (p95 ~113 ms of the 120 ms target)
+    # margin_ms: on the 2-core Xeon a 40 ms hop computes in p50 ~20 / p99 25-37 ms, and the runtime waits
+    # for late frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms
+    # for frame jitter; video-to-sound grows ms for ms with it (p95 107-117 ms there, target 120)
     def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 28.0,
                  device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
                  capture_seconds: float = 0.0, settle_seconds: float = 2.0):
