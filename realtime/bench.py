@@ -191,6 +191,8 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "context_switches": {"voluntary": usage_end.ru_nvcsw - usage.ru_nvcsw,
                                  "involuntary": usage_end.ru_nivcsw - usage.ru_nivcsw},
             "concealed_frames": sum(s["held_frames"] + s["null_frames"] for s in stats["streams"].values()),
+            # audio the sink dropped (a backlog, or a gap it did not keep as latency): each drop is a seam
+            "dropped_samples": sink.dropped,
             "rejected": stats["rejected_total"]}
     if plot:
         report["plot"] = plot_latency(report, lateral_t, lateral, steps, motion, video, plot)
