@@ -148,7 +148,6 @@ def test_the_tabled_sinc_kernel_matches_the_exact_one():
         assert np.abs(sinc_read(x, t, half) - exact).max() < 2e-5
 
 
-
 def test_stream_cli_to_headphones(jack, tiny_models, clip_dir, tmp_path):
     from export.steps import export_engine
 
