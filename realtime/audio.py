@@ -6,7 +6,7 @@ producer's clock. `Resampler` converts at ratio device_rate / 16000 * (1 + corre
 `HeadphoneSink` feeds a preallocated ring that python-rtmixer's C callback plays: the audio thread
 never takes the GIL (a Python callback waiting for it behind the runtime's threads made the JACK
 dummy device skip cycles: 536 in 30 s against 0 for the C callback, measured side by side). The
-correction follows the ring's fill level with a small proportional gain, capped at +-0.5% (NetEq's
+correction is a PI loop on the audio still buffered when each hop arrives, capped at +-0.5% (NetEq's
 accelerate/decelerate), so the latency stays at its target.
 """
 from __future__ import annotations
@@ -21,6 +21,13 @@ import numpy as np
 
 
 MAX_DRIFT_CORRECTION = 0.005
+# Drift correction is a PI loop on the median slack of the last ARRIVAL_WINDOW
+# hops: a late hop is an outlier, not the level. The proportional gain is correction per second of
+# slack error (10 ms off reaches the cap; time constant 2 s); the integral learns the clocks' drift,
+# which a proportional term alone keeps as a standing error of drift / DRIFT_GAIN.
+ARRIVAL_WINDOW = 9
+DRIFT_GAIN = 0.5
+DRIFT_INTEGRAL_SECONDS = 4.0
 # Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
 # (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
 # back, and drift correction takes it back at <= MAX_DRIFT_CORRECTION (NetEq: expand, then
@@ -101,22 +108,20 @@ class HeadphoneSink:
     thread moves 5 ms blocks from that queue into the device ring, which it keeps `device_ms` full:
     each block is re-spatialised for the newest head yaw (LateRotation), resampled to the device rate
     and written. So a head turn reaches the ears in about device_ms + the device's own buffer, not a
-    whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived; over the
-    first `settle_seconds` the sink measures how much audio is still buffered when a hop arrives, and
-    then sets the level that drift correction holds (a slow average, capped at MAX_DRIFT_CORRECTION)
-    so that this is `margin_ms` (median): the slack for a hop's compute or frames to come late, the
-    same whatever the first hop happened to cost. When
-    the ring runs dry, playback restarts `margin_ms` after audio is back (prebuffered again), up to
-    MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest of the audio it stood for is
-    dropped (NetEq's expand, then accelerate). The device callback is rtmixer's, in C: it copies from the ring
-    and nothing else."""
+    whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived; from then on
+    drift correction moves the level until the hops find `margin_ms` still buffered as they arrive
+    (median): the slack for a hop's compute or frames to come late, the same whatever the first hop
+    happened to cost. When the ring runs dry, playback restarts `margin_ms` after audio is back
+    (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest
+    of the audio it stood for is dropped (NetEq's expand, then accelerate). The device callback is
+    rtmixer's, in C: it copies from the ring and nothing else."""
 
     # margin_ms: on the 2-core Xeon a 40 ms hop computes in p50 ~20 / p99 25-37 ms, and the runtime waits
     # for late frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms
     # for frame jitter; video-to-sound grows ms for ms with it (p95 107-117 ms there, target 120)
     def __init__(self, sample_rate: int, stream: int = 0, device=None, blocksize: int = 256, margin_ms: float = 28.0,
                  device_ms: float = 25.0, late_rotation: bool = True, capacity_seconds: float = 2.0,
-                 capture_seconds: float = 0.0, settle_seconds: float = 2.0):
+                 capture_seconds: float = 0.0):
         try:
             import rtmixer
             import sounddevice as sd
@@ -128,13 +133,11 @@ class HeadphoneSink:
         info = sd.query_devices(device, "output")
         self.sample_rate, self.device_rate = sample_rate, int(info["default_samplerate"])
         self.stream_id, self.ratio = stream, self.device_rate / sample_rate
-        self.margin, self.settle = margin_ms / 1e3, settle_seconds
+        self.margin = margin_ms / 1e3
         self.first_audio: float | None = None  # monotonic time the first hop arrived
         self.started_at: float | None = None
         self.output_latency = 0.0
-        self.level_sum = self.level_count = 0.0
-        self.target: float | None = None  # seconds buffered in all (queue + ring) that drift correction holds
-        self.arrival_slack: list[float] = []  # seconds still buffered as each hop arrived, while settling
+        self.arrival_slack: deque = deque(maxlen=ARRIVAL_WINDOW)  # seconds still buffered as the last hops arrived
         self.device_target = int(device_ms / 1e3 * self.device_rate)
         frames = 1 << int(np.ceil(np.log2(capacity_seconds * self.device_rate)))  # PortAudio rings: 2^k
         self.ring = rtmixer.RingBuffer(8, frames)  # float32 stereo frames
@@ -155,7 +158,7 @@ class HeadphoneSink:
         self.last_hop = 0.0  # seconds of audio in the last hop
         self.taken = 0  # samples taken (feeder thread)
         self.yaw_now: float | None = None
-        self.correction = self.error = 0.0
+        self.correction = self.drift_integral = 0.0
         self.skipped = 0  # missing device frames already handled (kept as latency or dropped)
         self.dropped = 0  # model samples dropped after underflows, device stalls and backlogs (latency kept)
         # for `visaudio bench latency`: what went into the ring (ring frame k plays at device_time(k)),
@@ -176,8 +179,8 @@ class HeadphoneSink:
         if yaw is not None:  # latent j of the hop is centred at sample (j + 1) * vae_hop of this output
             centres = (np.arange(len(yaw)) + 1) * (len(pcm) / len(yaw))
             per_sample = np.interp(np.arange(len(pcm)), centres, yaw)
-        if self.playing and self.target is None:
-            self.arrival_slack.append(self.slack())
+        if self.playing and self.gap_from is None:  # (not while the ring is dry and refilling)
+            self._hold_level(self.slack())
         self.queue.append((pcm, per_sample))
         self.queued += len(pcm)
         self.last_hop = len(pcm) / self.sample_rate
@@ -260,11 +263,10 @@ class HeadphoneSink:
             gap = (self.missing - self.skipped) / self.device_rate
             lost = int(max(0.0, gap - MAX_EXCESS_SECONDS) * self.sample_rate)
             self.skipped = self.missing
-        if self.target is not None:  # a backlog (the device stalled, a burst of hops) is latency: drop it down
-            # to MAX_EXCESS_SECONDS above the top of the level's sawtooth (the level is a mean: just after a
-            # hop arrives the buffer stands half a hop above it; dropping to the mean left the next hop late,
-            # and measuring from the mean dropped audio after every 80 ms hop: 645 samples in 10 s)
-            excess = self.slack() - self.target - self.last_hop / 2
+        if self.playing:  # a backlog (the device stalled, a burst of hops) is latency: drop it down to
+            # MAX_EXCESS_SECONDS above the top of the level's sawtooth, margin + a hop (just after a hop
+            # arrived; measuring from the sawtooth's mean dropped audio after every 80 ms hop)
+            excess = self.slack() - self.margin - self.last_hop
             if excess > MAX_EXCESS_SECONDS:
                 lost += int((excess - MAX_EXCESS_SECONDS) * self.sample_rate)
         lost = min(lost, self.queued - self.taken)
@@ -283,7 +285,6 @@ class HeadphoneSink:
                 change = 0.0 if yaw is None or self.yaw_now is None else \
                     (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0
                 pcm = self.rotation.process(pcm, change)
-            self._hold_level()
             self._write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
         full = self.ring.read_available >= self.device_target
         if self.gap_from is not None and not self.restarted and full:
@@ -300,20 +301,20 @@ class HeadphoneSink:
             self.playing, self.started_at = True, _time.monotonic()
             self.output_latency = float(self.output.latency)  # the device's own buffering, seconds
 
-    def _hold_level(self) -> None:
-        """Drift correction: lean the resampling ratio toward the buffered level playback settled at."""
-        if not self.playing:
-            return
-        buffered = self.slack()
-        if self.target is None:
-            self.level_sum, self.level_count = self.level_sum + buffered, self.level_count + 1
-            if _time.monotonic() >= self.started_at + self.settle and self.arrival_slack:
-                # the mean level, moved by what the hops' arrivals showed: hops then find `margin` buffered
-                self.target = self.level_sum / self.level_count - (np.median(self.arrival_slack) - self.margin)
-            return
-        self.error += 0.0025 * ((buffered - self.target) / self.target - self.error)  # ~2 s average
-        # fuller than the level: the device is slower than the producer, so shrink the output a little
-        self.correction = float(np.clip(-0.05 * self.error, -MAX_DRIFT_CORRECTION, MAX_DRIFT_CORRECTION))
+    def _hold_level(self, found: float) -> None:
+        """Drift correction (PI, anti-windup by conditional integration) from the slack a hop found.
+
+        Sampling the level where each hop arrives sees the same phase of its sawtooth every time: a
+        time-averaged level needed a 2 s filter against the sawtooth, whose lag overshot the target
+        by ~9 ms for seconds after each move, and the mean sits above the arrivals by a hop-dependent
+        half hop."""
+        self.arrival_slack.append(found)
+        error = float(np.median(self.arrival_slack)) - self.margin
+        # fuller than the margin: the device is slower than the producer, so shrink the output a little
+        wanted = -DRIFT_GAIN * (error + self.drift_integral)
+        if abs(wanted) < MAX_DRIFT_CORRECTION:  # not at the cap (a kept gap would wind it up)
+            self.drift_integral += error * self.last_hop / DRIFT_INTEGRAL_SECONDS
+        self.correction = float(np.clip(wanted, -MAX_DRIFT_CORRECTION, MAX_DRIFT_CORRECTION))
 
     def _feed_loop(self) -> None:
         while not self.stopping.wait(0.0025):

@@ -93,30 +93,40 @@ def test_a_run_of_late_hops_runs_the_ring_dry_once(jack):
     assert result["underflows"] <= 2, result  # the late run once (and perhaps the run's end)
 
 
-ANCHOR = r"""
-import json, time, numpy as np
+STEP = r"""
+import json, sys, time, numpy as np
 from realtime.audio import HeadphoneSink
-sink = HeadphoneSink(16000, stream=0, margin_ms=40.0, settle_seconds=1.0)
+sink = HeadphoneSink(16000, stream=0, margin_ms=40.0)
+sink.ratio *= 1 + float(sys.argv[1])  # a device clock this much slower than the producer's (a crystal's drift)
 rng = np.random.default_rng(0)
 start, arrivals = time.monotonic(), []
-for k in range(175):  # 14 s of 80 ms hops; every hop after the first comes 30 ms later than the first implies
-    time.sleep(max(0.0, start + k * 0.08 + (0.03 if k else 0.0) - time.monotonic()))
+for k in range(200):  # 16 s of 80 ms hops; from hop 60 on, each comes 25 ms later (the compute got slower)
+    time.sleep(max(0.0, start + k * 0.08 + (0.025 if k >= 60 else 0.0) - time.monotonic()))
     arrivals.append(sink.slack())
     sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
 sink.close()
-print(json.dumps({"arrival_ms": [None if a is None else a * 1e3 for a in arrivals], "underflows": sink.underflows}))
+print(json.dumps({"arrival_ms": [None if a is None else a * 1e3 for a in arrivals], **sink.stats()}))
 """
 
 
-def test_the_sink_settles_where_hops_find_the_margin_buffered(jack):
-    """A first hop that came early (a fast first compute) leaves the later hops short of the margin
-    (they come 30 ms later than it implies): after settling, drift correction moves the level until
-    the hops find `margin` buffered (holding the level of the first seconds kept them short for good)."""
-    done = subprocess.run([sys.executable, "-c", ANCHOR], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    arrivals = json.loads(done.stdout.strip().splitlines()[-1])["arrival_ms"]
-    assert np.median(arrivals[10:20]) < 40 - 12  # while settling: short of the margin (by ~20 ms here)
-    assert abs(np.median(arrivals[-25:]) - 40) < 8, arrivals[-25:]
+@pytest.mark.parametrize("drift", [0.0, 0.003])
+def test_the_sink_moves_its_level_until_hops_find_the_margin_buffered(jack, drift):
+    """Hops that start coming 25 ms later find that much less buffered; drift correction moves the
+    level until they find `margin` again, also against a device clock 0.3% slow (the PI loop's
+    integral: a proportional term alone held it 6 ms over; the time-averaged level of the last build
+    overshot by ~9 ms for seconds). Judged on a run where the device kept time: a stall or an xrun of
+    the (unprivileged, loaded) JACK dummy server moves the level legitimately, so up to three tries."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", STEP, str(drift)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if result["underflows"] == result["device_underflows"] == 0:
+            break
+    else:
+        pytest.skip("the JACK dummy device missed cycles in three runs (a loaded machine)")
+    arrivals = np.array(result["arrival_ms"][1:], float)
+    assert np.median(arrivals[59:63]) < np.median(arrivals[50:58]) - 15  # the step took ~25 ms of slack
+    assert abs(np.median(arrivals[-40:]) - 40) < 4, arrivals[-40:]
 
 
 def test_resampler_blocks_join_seamlessly_and_track_a_tone():
