@@ -113,9 +113,10 @@ print(json.dumps({"arrival_ms": [None if a is None else a * 1e3 for a in arrival
 def test_the_sink_moves_its_level_until_hops_find_the_margin_buffered(jack, drift):
     """Hops that start coming 25 ms later find that much less buffered; drift correction moves the
     level until they find `margin` again, also against a device clock 0.3% slow (the PI loop's
-    integral: a proportional term alone held it 6 ms over; the time-averaged level of the last build
-    overshot by ~9 ms for seconds). Judged on a run where the device kept time: a stall or an xrun of
-    the (unprivileged, loaded) JACK dummy server moves the level legitimately, so up to three tries."""
+    integral: a proportional term alone would hold it drift / DRIFT_GAIN = 6 ms over; the
+    time-averaged level of the build before overshot by ~9 ms for seconds). Judged on a run where the
+    device kept time: a stall or an xrun of the (unprivileged, loaded) JACK dummy server moves the
+    level legitimately, so up to three tries."""
     for _ in range(3):
         done = subprocess.run([sys.executable, "-c", STEP, str(drift)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
