@@ -225,9 +225,11 @@ def available_backends() -> list[str]:
 
 
 def open_engine(engine_dir: Path | str, backend: str = "onnxruntime", threads: int | None = None,
-                device: str | None = None) -> HopRunner:
+                device: str | None = None, reference: bool = False) -> HopRunner:
     """A warmed-up engine for the exported hop in `engine_dir`. torch loads the checkpoint the manifest
-    names (and checks its hash); the others run the ONNX/plan files; "auto" takes the fastest."""
+    names (and checks its hash); the others run the ONNX/plan files; "auto" takes the fastest. An int8
+    engine runs on onnxruntime only; `reference` opens its checkpoint in fp32 torch-eager instead (what
+    the comparator holds it to)."""
     from export.steps import sha256
 
     if backend == "auto":
@@ -235,6 +237,9 @@ def open_engine(engine_dir: Path | str, backend: str = "onnxruntime", threads: i
 
     manifest = read_manifest(engine_dir)
     geometry: HopGeometry = manifest["_geometry"]
+    if manifest["precision"] == "int8" and backend != "onnxruntime" and not (reference and backend == "torch-eager"):
+        raise EngineError(f"{engine_dir}: an int8 engine runs on onnxruntime only (its graphs are dynamically "
+                          f"quantized); export fp32 or fp16 for the {backend} backend")
     if threads:
         torch.set_num_threads(threads)
     if backend in ("torch", "torch-eager"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.backends import available_backends, example_inputs, open_engine
+from engine.backends import available_backends, example_inputs, open_engine, read_manifest
 
 
 def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -21,9 +21,12 @@ def compare_backends(engine_dir: Path | str, backends: list[str] | None = None, 
     """{"reference": backend, "hops": n, "pairs": {"other vs reference": {output: {max_abs, snr_db}}}}.
 
     Default backends: every available one (on a GPU: torch eager first, as the reference, then the
-    CUDA-graph torch backend, onnxruntime, TensorRT)."""
+    CUDA-graph torch backend, onnxruntime, TensorRT); for an int8 engine, onnxruntime against the fp32
+    checkpoint in torch eager."""
+    if read_manifest(engine_dir)["precision"] == "int8":
+        backends = ["torch-eager", "onnxruntime"]
     backends = backends or available_backends()
-    runners = {b: open_engine(engine_dir, b, threads) for b in backends}
+    runners = {b: open_engine(engine_dir, b, threads, reference=True) for b in backends}
     reference = backends[0]
     states = {b: r.init_state() for b, r in runners.items()}
     worst: dict[str, dict[str, dict]] = {b: {} for b in backends[1:]}

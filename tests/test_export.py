@@ -61,6 +61,29 @@ def test_onnxruntime_equals_torch_and_the_offline_generator(engine_dir, tiny_mod
     assert states[0]["latent_present"][0].sum() == 0 and states[0]["latent_present"][1].sum() > 0
 
 
+def test_an_int8_engine_quantizes_every_matmul_weight_and_stays_near_fp32(tiny_models, tmp_path):
+    """int8: the Identity-routed weights shared by the unrolled flow steps are quantized too (the
+    quantizer skipped them before they were unaliased); deterministic; onnxruntime only; held to the
+    fp32 checkpoint."""
+    import onnx
+
+    from export.compare import compare_backends
+
+    engine, again = tmp_path / "int8", tmp_path / "again"
+    for out in (engine, again):
+        export_engine(out, tiny_models["student"], hop=4, batch=2, precision="int8")
+    assert _digests(again) == _digests(engine) and read_manifest(engine)["precision"] == "int8"
+    for name in ("conditions", "denoise"):
+        graph = onnx.load(str(engine / f"{name}.onnx")).graph
+        weights = {w.name for w in graph.initializer}
+        float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and weights & set(n.input)]
+        assert float_matmuls == [] and any(n.op_type == "MatMulInteger" for n in graph.node), name
+    audio = compare_backends(engine, threads=1)["pairs"]["onnxruntime vs torch-eager"]["audio"]
+    assert 15 < audio["snr_db"] < 200, audio  # close to fp32, and not fp32 itself
+    with pytest.raises(EngineError, match="int8 engine runs on onnxruntime only"):
+        open_engine(engine, "torch")
+
+
 def test_shorter_context_is_its_own_geometry(tiny_models, tmp_path):
     from engine.hop import StreamGenerator
     from engine.model import load_model
