@@ -76,14 +76,20 @@ def test_two_process_ddp_with_gloo(tiny_models, tmp_path):
 
 
 def test_eval_reports_every_system_and_plots(tiny_models, tmp_path, capsys):
-    out = tmp_path / "eval"
+    from export.steps import export_engine
+
+    out, engine = tmp_path / "eval", tmp_path / "fp32"
+    export_engine(engine, tiny_models["student"], hop=4)
     code = main(["eval", "--checkpoint", str(tiny_models["student"]), "--teacher", str(tiny_models["teacher"]),
                  "--mono", str(tiny_models["mono"]), "--scenes", "2", "--head-turns", "1", "--teacher-scenes", "1",
-                 "--seam-seconds", "4", "--out", str(out), "--json"])
+                 "--seam-seconds", "4", "--engine", str(engine), "--out", str(out), "--json"])
     assert code == 0
     report = json.loads((out / "eval.json").read_text())
-    assert set(report["systems"]) >= {"student", "teacher", "mono copied", "two-stage"}
-    for name in ("student", "teacher", "mono copied", "two-stage"):
+    assert set(report["systems"]) >= {"student", "teacher", "mono copied", "two-stage", "engine fp32 (fp32)"}
+    # the engine streams the student's scenes, seeds and hop through onnxruntime: the same scores
+    for key in ("itd_error_us", "ild_error_db", "lateral_error_deg", "stft_distance"):
+        assert report["systems"]["engine fp32 (fp32)"][key] == pytest.approx(report["systems"]["student"][key], rel=1e-3)
+    for name in ("student", "teacher", "mono copied", "two-stage", "engine fp32 (fp32)"):
         m = report["systems"][name]
         assert np.isfinite(m["itd_error_us"]) and m["head_turn_correlation"] is not None
         split = m["by_acoustics"]

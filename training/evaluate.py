@@ -77,6 +77,17 @@ def eval_scenes(count: int, seed: int = EVAL_SEED, head_turns: int | None = None
 # ------------------------------------------------------------------------------------------ systems
 
 
+def run_engine(runner, scenes: list[EvalScene], progress: bool = True) -> list[np.ndarray]:
+    """Generate every scene through an exported engine (engine/backends.py), one stream at a time,
+    fed as the runtime feeds it (engine.generate.run_streams); the engine's own hop and context."""
+    from tqdm import tqdm
+
+    from engine.generate import run_streams
+
+    return [run_streams(runner, s.frames[None], s.fps, [s.pose], [s.seed], s.sample_rate)[0]
+            for s in tqdm(scenes, desc=f"engine {runner.manifest['precision']}", disable=not progress)]
+
+
 def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 4, batch: int = 16,
               progress: bool = True, steps: int | None = None) -> list[np.ndarray]:
     """Generate every scene through the hop loop, `batch` scenes as parallel streams (with `steps`
@@ -218,10 +229,10 @@ def plot_head_turn(outputs: dict[str, np.ndarray], scene: EvalScene, path: Path)
 def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
              mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
              plot: Path | None = None, seam_seconds: float = 60.0, baseline_steps: int | None = 10,
-             progress: bool = True) -> dict:
-    """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns) and
-    the baselines (the mono model sampled with `baseline_steps` Euler steps and its CFG); optionally plot
-    the first head-turn scene."""
+             progress: bool = True, engines: dict | None = None) -> dict:
+    """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns), the
+    baselines (the mono model sampled with `baseline_steps` Euler steps and its CFG) and `engines`
+    ({name: opened engine}, e.g. an fp32 and an int8 export); optionally plot the first head-turn scene."""
     report = {"scenes": {"single": sum(s.kind == "single" for s in scenes),
                          "head_turn": sum(s.kind == "head_turn" for s in scenes)},
               "hop_latents": hop_latents, "systems": {}}
@@ -249,6 +260,9 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
         outputs["mono copied"], outputs["two-stage"] = mono_copy(mout), two_stage(mout, scenes)
         report["systems"]["mono copied"] = score(outputs["mono copied"], scenes)
         report["systems"]["two-stage"] = score(outputs["two-stage"], scenes)
+    for name, runner in (engines or {}).items():
+        report["systems"][name] = {"evaluations_per_hop": runner.manifest["evaluations"],
+                                   "hop_latents": runner.g.hop, **score(run_engine(runner, scenes, progress), scenes)}
     if seam_seconds:
         report["seams"] = seams(model, seam_seconds, hop_latents=hop_latents)
     turns = [i for i, s in enumerate(scenes) if s.kind == "head_turn"]

@@ -455,6 +455,7 @@ def _load(path):
 
 
 def cmd_eval(args) -> int:
+    from engine.backends import EngineError, open_engine
     from engine.checkpoint import CheckpointError
     from engine.model import DEFAULT_CHECKPOINT
     from training.evaluate import eval_scenes, evaluate, format_report, save_report
@@ -467,13 +468,17 @@ def cmd_eval(args) -> int:
         model = _load(args.checkpoint)
         teacher = _load(teacher) if teacher and not args.no_teacher else None
         mono = _load(mono) if mono and not args.no_baselines else None
-    except (CheckpointError, ValueError) as exc:
+        engines = {}
+        for folder in args.engine or []:
+            runner = open_engine(folder, "onnxruntime", args.threads)
+            engines[f"engine {Path(folder).name} ({runner.manifest['precision']})"] = runner
+    except (CheckpointError, EngineError, ValueError) as exc:
         return _fail(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
     report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
-                      args.seam_seconds, args.baseline_steps)
+                      args.seam_seconds, args.baseline_steps, engines=engines)
     report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
     save_report(report, out / "eval.json")
     print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
@@ -768,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", type=int, default=4, help="latent frames per hop (default 4 = 80 ms)")
     p.add_argument("--seam-seconds", type=float, default=60.0, help="length of the seam check (0 = skip)")
     p.add_argument("--baseline-steps", type=int, default=10, help="Euler steps (with CFG) for the mono model (default 10)")
+    p.add_argument("--engine", nargs="+", help="also score these exported engines (visaudio export; onnxruntime, "
+                                               "each at its own hop) on the same scenes")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int)
