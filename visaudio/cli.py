@@ -471,7 +471,10 @@ def cmd_eval(args) -> int:
         engines = {}
         for folder in args.engine or []:
             runner = open_engine(folder, "onnxruntime", args.threads)
-            engines[f"engine {Path(folder).name} ({runner.manifest['precision']})"] = runner
+            name = f"engine {Path(folder).name} ({runner.manifest['precision']})"
+            if name in engines:
+                return _fail(f"--engine: two engine folders named {Path(folder).name!r}; rename one")
+            engines[name] = runner
     except (CheckpointError, EngineError, ValueError) as exc:
         return _fail(str(exc))
     out = Path(args.out)
