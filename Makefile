@@ -24,7 +24,7 @@ demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/visaudio demo --out out/demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup -p no:cacheprovider
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
