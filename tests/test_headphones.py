@@ -116,15 +116,15 @@ def test_the_sink_moves_its_level_until_hops_find_the_margin_buffered(jack, drif
     integral: a proportional term alone would hold it drift / DRIFT_GAIN = 6 ms over; the
     time-averaged level of the build before overshot by ~9 ms for seconds). Judged on a run where the
     device kept time: a stall or an xrun of the (unprivileged, loaded) JACK dummy server moves the
-    level legitimately, so up to three tries."""
-    for _ in range(3):
+    level legitimately, so up to five tries (in CI's load three were sometimes all hit)."""
+    for _ in range(5):
         done = subprocess.run([sys.executable, "-c", STEP, str(drift)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if result["underflows"] == result["device_underflows"] == 0:
             break
     else:
-        pytest.skip("the JACK dummy device missed cycles in three runs (a loaded machine)")
+        pytest.skip("the JACK dummy device missed cycles in five runs (a loaded machine)")
     arrivals = np.array(result["arrival_ms"][1:], float)
     assert np.median(arrivals[59:63]) < np.median(arrivals[50:58]) - 15  # the step took ~25 ms of slack
     assert abs(np.median(arrivals[-40:]) - 40) < 4, arrivals[-40:]
