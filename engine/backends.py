@@ -237,7 +237,8 @@ def open_engine(engine_dir: Path | str, backend: str = "onnxruntime", threads: i
 
     manifest = read_manifest(engine_dir)
     geometry: HopGeometry = manifest["_geometry"]
-    if manifest["precision"] == "int8" and backend != "onnxruntime" and not (reference and backend == "torch-eager"):
+    held_to_fp32 = reference and backend == "torch-eager"
+    if manifest["precision"] == "int8" and backend != "onnxruntime" and not held_to_fp32:
         raise EngineError(f"{engine_dir}: an int8 engine runs on onnxruntime only (its graphs are dynamically "
                           f"quantized); export fp32 or fp16 for the {backend} backend")
     if threads:

@@ -23,9 +23,8 @@ def compare_backends(engine_dir: Path | str, backends: list[str] | None = None, 
     Default backends: every available one (on a GPU: torch eager first, as the reference, then the
     CUDA-graph torch backend, onnxruntime, TensorRT); for an int8 engine, onnxruntime against the fp32
     checkpoint in torch eager."""
-    if read_manifest(engine_dir)["precision"] == "int8":
-        backends = ["torch-eager", "onnxruntime"]
-    backends = backends or available_backends()
+    int8 = read_manifest(engine_dir)["precision"] == "int8"
+    backends = backends or (["torch-eager", "onnxruntime"] if int8 else available_backends())
     runners = {b: open_engine(engine_dir, b, threads, reference=True) for b in backends}
     reference = backends[0]
     states = {b: r.init_state() for b, r in runners.items()}

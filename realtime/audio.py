@@ -21,10 +21,10 @@ import numpy as np
 
 
 MAX_DRIFT_CORRECTION = 0.005
-# Drift correction is a PI loop on the median slack of the last ARRIVAL_WINDOW
-# hops: a late hop is an outlier, not the level. The proportional gain is correction per second of
-# slack error (10 ms off reaches the cap; time constant 2 s); the integral learns the clocks' drift,
-# which a proportional term alone keeps as a standing error of drift / DRIFT_GAIN.
+# Drift correction is a PI loop on the median slack of the last ARRIVAL_WINDOW hops: a late hop is an
+# outlier, not the level. The proportional gain is correction per second of slack error (10 ms off
+# reaches the cap; time constant 2 s); the integral learns the clocks' drift, which a proportional
+# term alone keeps as a standing error of drift / DRIFT_GAIN.
 ARRIVAL_WINDOW = 9
 DRIFT_GAIN = 0.5
 DRIFT_INTEGRAL_SECONDS = 4.0
