@@ -51,6 +51,7 @@ class HopGeometry:
     side: float = 1.0  # share of the centred ears' difference that is decoded (interaural.mix_ears)
     gate: bool = False  # the silence gate's gain goes to the decoder (engine/gate.py)
     sample_rate: int = 16000
+    guidance_rescale: float = 0.0  # SamplerConfig.guidance_rescale
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -69,7 +70,7 @@ class HopGeometry:
                    model.sampler.guidance if guidance is None else float(guidance),
                    tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold,
                    model.sampler.interaural_side if cfg.interaural else 1.0, cfg.silence_gate,
-                   model.vae.cfg.sample_rate)
+                   model.vae.cfg.sample_rate, model.sampler.guidance_rescale)
 
     @property
     def frames(self) -> int:
@@ -210,7 +211,7 @@ class DenoiseStep(nn.Module):
         null = Conditions(*conditions[count:], transfer=empty) if g.guidance != 1.0 else None
         shifted = _shift_in(latents, torch.zeros_like(noise), dim=2)
         roles = self.roles.expand(latents.shape[0], -1)
-        velocity = WindowFlow(self.flow, shifted, roles, cond, null, g.guidance)
+        velocity = WindowFlow(self.flow, shifted, roles, cond, null, g.guidance, g.guidance_rescale)
         start = torch.cat([torch.zeros_like(shifted[:, :, :-h]), couple_ears(noise, self.flow.cfg.ear_noise_correlation)], 2)
         new = sample_euler(velocity, start, self.times)[:, :, -h:]
         return torch.cat([shifted[:, :, :-h], new], dim=2), mix_ears(new, g.side)

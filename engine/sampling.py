@@ -4,7 +4,8 @@ A sampler integrates the flow ODE dx/dt = v(x, t) from t = 0 (noise) to t = 1 (d
 time grid and calls `callback(i, t, x)` after each step. `WindowFlow` turns the network into such a
 velocity function for one window: context positions are held at their clean latents, only the horizon
 moves, and classifier-free guidance (Ho & Salimans 2022) mixes the conditional and null-condition
-velocities in one batched call.
+velocities in one batched call, optionally rescaled to the conditional velocity's spread (Lin et al.
+2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", section 3.4).
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ class WindowFlow:
     """The velocity of one window's horizon given its context and conditions, with optional CFG."""
 
     def __init__(self, net: FlowNet, context: torch.Tensor, roles: torch.Tensor, cond: Conditions,
-                 null_cond: Conditions | None = None, guidance: float = 1.0):
-        """context (B, E, W, D): clean latents at context positions (anything elsewhere); roles (B, W)."""
-        self.net, self.guidance = net, guidance
+                 null_cond: Conditions | None = None, guidance: float = 1.0, rescale: float = 0.0):
+        """context (B, E, W, D): clean latents at context positions (anything elsewhere); roles (B, W);
+        rescale: the share of the guided velocity brought to the conditional one's standard deviation
+        over each window's horizon (0 = plain CFG)."""
+        self.net, self.guidance, self.rescale = net, guidance, rescale
         self.horizon = (roles == ROLE_HORIZON)[:, None, :, None]
         self.context = torch.where(self.horizon, torch.zeros_like(context), context)
         if guidance != 1.0:
@@ -67,4 +70,13 @@ class WindowFlow:
         else:
             cond_v, null_v = self.net.velocity(torch.cat([window, window]), torch.cat([t, t]), self.cond).chunk(2)
             v = null_v + self.guidance * (cond_v - null_v)
+            if self.rescale:
+                v = v * (1 - self.rescale + self.rescale * self._spread(cond_v) / self._spread(v).clamp_min(1e-12))
         return torch.where(self.horizon, v, torch.zeros_like(v))
+
+    def _spread(self, v: torch.Tensor) -> torch.Tensor:
+        """Standard deviation over each window's horizon positions, (B, 1, 1, 1)."""
+        mask = self.horizon.expand_as(v)
+        count = mask.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+        mean = torch.where(mask, v, 0).sum(dim=(1, 2, 3), keepdim=True) / count
+        return (torch.where(mask, v - mean, 0) ** 2).sum(dim=(1, 2, 3), keepdim=True).div(count).sqrt()

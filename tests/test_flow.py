@@ -199,3 +199,29 @@ def test_interaural_side_scales_only_the_decoded_difference_between_the_ears(tin
     assert (as_generated[:, 0] - as_generated[:, 1]).abs().max() > 1e-3  # the two branches differ
     torch.testing.assert_close(mixed[:, 0], mixed[:, 1])
     torch.testing.assert_close(mixed[:, 0], as_generated.mean(dim=1))
+
+
+def test_rescaled_guidance_keeps_the_conditional_spread_and_plain_guidance_is_unchanged():
+    from engine.sampling import WindowFlow
+
+    net = _net()
+    inp = _inputs(net.cfg, split=8)
+    grid = net.encode_frames(inp["frames"])
+    cond = net.prepare(grid, inp["video_present"], inp["pose"], inp["pose_present"], inp["roles"])
+    null = net.prepare(grid, torch.zeros_like(inp["video_present"]), inp["pose"], torch.zeros_like(inp["pose_present"]),
+                       inp["roles"])
+    horizon = (inp["roles"] == ROLE_HORIZON)[:, None, :, None].expand_as(inp["x"])
+
+    def velocity(guidance, rescale=0.0):
+        with torch.no_grad():
+            return WindowFlow(net, inp["x"], inp["roles"], cond, null, guidance, rescale)(inp["x"], inp["t"])
+
+    def spread(v):
+        return torch.stack([v[b][horizon[b]].std(unbiased=False) for b in range(len(v))])
+
+    conditional, plain, rescaled = velocity(1.0), velocity(4.5), velocity(4.5, 1.0)
+    assert (spread(plain) > 1.05 * spread(conditional)).all()  # guidance grew the spread: the test can fail
+    torch.testing.assert_close(spread(rescaled), spread(conditional), rtol=1e-4, atol=1e-6)
+    half = velocity(4.5, 0.5)
+    torch.testing.assert_close(half, 0.5 * plain + 0.5 * rescaled, rtol=1e-4, atol=1e-6)
+    assert not rescaled[~horizon].any()  # context positions stay still

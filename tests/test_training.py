@@ -181,6 +181,17 @@ def test_pack_sets_the_interaural_side_only_where_it_means_something(tiny_models
     assert "interaural transfer head" in capsys.readouterr().err
 
 
+def test_pack_sets_the_guidance_rescale_only_on_a_model_that_samples_with_guidance(tiny_models, tmp_path, capsys):
+    out = tmp_path / "rescaled.safetensors"
+    assert load_model(tiny_models["teacher"])[0].sampler.guidance != 1.0
+    assert main(["pack", str(tiny_models["teacher"]), str(out), "--guidance-rescale", "0.7"]) == 0
+    assert load_model(out)[0].sampler.guidance_rescale == 0.7
+    assert main(["pack", str(tiny_models["teacher"]), str(out), "--guidance-rescale", "2"]) == 2
+    assert "within [0, 1]" in capsys.readouterr().err
+    assert main(["pack", str(tiny_models["student"]), str(out), "--guidance-rescale", "1"]) == 2
+    assert "guidance 1" in capsys.readouterr().err
+
+
 def test_distillation_keeps_the_frame_encoder_and_transfer_head_of_the_teacher(tiny_models, tmp_path):
     """The transfer head reads the frame encoder's grid, so both stay the teacher's (DistillConfig.frozen)."""
     from training.distill import DistillConfig, distill

@@ -36,6 +36,7 @@ class DistillConfig(JsonConfig):
     student_times: tuple[float, ...] = (0.0, 0.5, 1.0)
     teacher_steps: int = 25
     guidance: float = 4.5
+    guidance_rescale: float = 0.0  # SamplerConfig.guidance_rescale, for the teacher's trajectories
     pool: int = 2048  # teacher trajectories (training windows) generated up front
     pool_batch: int = 32
     steps: int = 2000
@@ -77,7 +78,7 @@ def teacher_pool(teacher: FlowNet, windows: LatentWindows, cfg: DistillConfig, d
         cond = teacher.prepare(grids, dev["video_present"], dev["pose"], dev["pose_present"], dev["roles"])
         null = teacher.prepare(grids, torch.zeros_like(dev["video_present"]), dev["pose"],
                                torch.zeros_like(dev["pose_present"]), dev["roles"])
-        velocity = WindowFlow(teacher, dev["x1"], dev["roles"], cond, null, cfg.guidance)
+        velocity = WindowFlow(teacher, dev["x1"], dev["roles"], cond, null, cfg.guidance, cfg.guidance_rescale)
         horizon = (dev["roles"] == ROLE_HORIZON)[:, None, :, None]
         noise = couple_ears(torch.randn(dev["x1"].shape, generator=noise_rng), teacher.cfg.ear_noise_correlation)
         x0 = torch.where(horizon, noise.to(device), 0.0)

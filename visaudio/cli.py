@@ -509,10 +509,18 @@ def cmd_pack(args) -> int:
         if not 0 < args.context < window or args.context % frame:
             return _fail(f"--context must be a multiple of {frame} latents within (0, {window}), got {args.context}")
         model.sampler = replace(model.sampler, context=args.context)
+    if args.guidance_rescale is not None:
+        if model.sampler.guidance == 1.0:
+            return _fail(f"{args.checkpoint}: --guidance-rescale needs a model that samples with guidance "
+                         f"(this one has guidance 1: a distilled student carries its guidance in its weights)")
+        if not 0.0 <= args.guidance_rescale <= 1.0:
+            return _fail(f"--guidance-rescale must be within [0, 1], got {args.guidance_rescale}")
+        model.sampler = replace(model.sampler, guidance_rescale=args.guidance_rescale)
     packed_from = info.get("packed_from", Path(args.checkpoint).name)  # repacking keeps the training output's name
     out = save_model(args.out, model, {**provenance(info), "packed_from": packed_from}, flow_dtype=torch.float16)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, flow weights float16, "
-          f"interaural side {model.sampler.interaural_side:g}, context {model.sampler.context or 'the whole window'})")
+          f"interaural side {model.sampler.interaural_side:g}, context {model.sampler.context or 'the whole window'}, "
+          f"guidance {model.sampler.guidance:g} rescaled {model.sampler.guidance_rescale:g})")
     return 0
 
 
@@ -791,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = both ears from their mean; see engine.interaural.mix_ears)")
     p.add_argument("--context", type=int,
                    help="set the latents of clean context each streaming hop reads (engine.model.SamplerConfig)")
+    p.add_argument("--guidance-rescale", type=float,
+                   help="set the share of the guided velocity rescaled to the conditional one's spread (0-1; "
+                        "Lin et al. 2024; engine.model.SamplerConfig)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("render", help="generate binaural audio for a video (its audio track is ignored), offline",
