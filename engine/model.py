@@ -25,9 +25,10 @@ class SamplerConfig(JsonConfig):
     times: tuple[float, ...] = tuple(i / 25 for i in range(26))  # Euler grid from noise (0) to data (1)
     guidance: float = 4.5  # classifier-free guidance scale (MMAudio's default); 1 = none
     # Share of the guided velocity rescaled to the conditional velocity's spread (engine.sampling.
-    # WindowFlow). 0 = plain CFG, as the shipped checkpoints sample. A flow whose conditional and null
-    # predictions differ in level has that difference multiplied by the guidance: the retrain on the
-    # cache with drawn rooms came out 9-24x too loud at 4.5 (checkpoints/README.md).
+    # WindowFlow; Lin et al. 2024). 0 = plain CFG. A flow whose conditional and null predictions differ
+    # in level has that difference multiplied by the guidance: the first retrain on the cache with drawn
+    # rooms came out 9-24x too loud at 4.5. The shipped teacher samples, and its student was distilled,
+    # fully rescaled (1; checkpoints/README.md).
     guidance_rescale: float = 0.0
     # Interaural models: how much of the difference between the two generated centred ears reaches the
     # decoder (engine.interaural.mix_ears). 1 = each ear as generated; 0 = both ears decoded from
