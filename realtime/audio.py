@@ -22,12 +22,20 @@ import numpy as np
 
 MAX_DRIFT_CORRECTION = 0.005
 # Drift correction is a PI loop on the median slack of the last ARRIVAL_WINDOW hops: a late hop is an
-# outlier, not the level. The proportional gain is correction per second of slack error (10 ms off
-# reaches the cap; time constant 2 s); the integral learns the clocks' drift, which a proportional
-# term alone keeps as a standing error of drift / DRIFT_GAIN.
+# outlier, not the level. The proportional gain is correction per second of slack error (5 ms off
+# reaches the cap; time constant 1 s: at 0.5, 2 s, the integral charged during a 25 ms step still held
+# the level ~2 ms over the margin 11 s later, in a simulation of the loop); the integral learns the
+# clocks' drift, which a proportional term alone keeps as a standing error of drift / DRIFT_GAIN.
 ARRIVAL_WINDOW = 9
-DRIFT_GAIN = 0.5
+DRIFT_GAIN = 1.0
 DRIFT_INTEGRAL_SECONDS = 4.0
+# The device takes the ring in whole periods, so ring.read_available steps by a period (5.3 ms at 256
+# frames) and, read when a hop arrives (80 ms hops are 15 periods), sits on one phase of that step. The
+# sink reads the level on the device's own clock instead: frames taken minus stream time * rate, at its
+# maximum over the feeder's last READ_LINE_POLLS polls (>= 160 ms, 30 periods), is the line the callbacks
+# run on. A window, not a running maximum: a callback early once (as at the start of a playback) then
+# lifted the line a period for seconds, and with it every reading.
+READ_LINE_POLLS = 64
 # Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
 # (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
 # back, and drift correction takes it back at <= MAX_DRIFT_CORRECTION (NetEq: expand, then
@@ -131,6 +139,7 @@ class HeadphoneSink:
         from realtime.reproject import LateRotation
 
         info = sd.query_devices(device, "output")
+        self.portaudio_error = sd.PortAudioError
         self.sample_rate, self.device_rate = sample_rate, int(info["default_samplerate"])
         self.stream_id, self.ratio = stream, self.device_rate / sample_rate
         self.margin = margin_ms / 1e3
@@ -146,6 +155,10 @@ class HeadphoneSink:
         self.missing = 0  # device frames of that silence
         self.overflows = 0  # blocks refused for lack of room
         self.playbacks: list[_Playback] = []
+        self.period = blocksize  # device frames per callback
+        self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - stream time * device rate, per poll
+        self.read_line: float | None = None  # their maximum
+        self.xruns_seen = 0  # device underflows when it was last reset
         self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
         self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
         self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
@@ -157,6 +170,7 @@ class HeadphoneSink:
         self.queued = 0  # samples appended (runtime thread)
         self.last_hop = 0.0  # seconds of audio in the last hop
         self.taken = 0  # samples taken (feeder thread)
+        self.level_lock = threading.Lock()
         self.yaw_now: float | None = None
         self.correction = self.drift_integral = 0.0
         self.skipped = 0  # missing device frames already handled (kept as latency or dropped)
@@ -213,6 +227,7 @@ class HeadphoneSink:
         return origin[which] + (np.asarray(frame) - firsts[which]) / self.device_rate
 
     def _take(self, n: int):
+        """The next n queued samples (and their generation yaw); the caller counts them in `taken`."""
         if self.queued - self.taken < n:
             return None
         pcm, yaw, need = [], [], n
@@ -225,7 +240,6 @@ class HeadphoneSink:
             yaw.append(None if block_yaw is None else block_yaw[at:at + k])
             self.head = (block, block_yaw, at + k) if at + k < len(block) else None
             need -= k
-        self.taken += n
         yaws = None if any(y is None for y in yaw) else np.concatenate(yaw)
         return np.concatenate(pcm), yaws
 
@@ -241,6 +255,27 @@ class HeadphoneSink:
 
     def _play(self) -> None:
         self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
+        self.leads.clear()
+        self.read_line = None
+
+    def _track_reads(self) -> None:
+        """Follow the line on which the device's callbacks take the ring (READ_LINE_POLLS); start it
+        again when the device stopped taking it on time (ran dry, restarted, an xrun)."""
+        xruns, now = self.device_underflows, self._stream_time()
+        if self.gap_from is not None or self.playbacks[-1].action.actual_time < 0 or xruns != self.xruns_seen \
+                or now is None:
+            self.leads.clear()
+            self.read_line, self.xruns_seen = None, xruns
+            return
+        self.leads.append(self.consumed - now * self.device_rate)
+        self.read_line = max(self.leads)
+
+    def _stream_time(self) -> float | None:
+        """The device's clock (PortAudio stream time), None where the host API cannot tell it."""
+        try:
+            return self.output.time
+        except self.portaudio_error:  # a stream being closed, a host API without a clock
+            return None
 
     def _watch_playback(self) -> None:
         """Notice the ring running dry under the callback (rtmixer then ends the playback and the device
@@ -258,6 +293,7 @@ class HeadphoneSink:
         """Top the device ring up to device_ms, 5 ms at a time (the feeder thread calls this)."""
         if self.playing:
             self._watch_playback()
+            self._track_reads()
         lost = 0
         if self.missing > self.skipped:  # the device played silence: drop what exceeds MAX_EXCESS_SECONDS of it
             gap = (self.missing - self.skipped) / self.device_rate
@@ -272,6 +308,7 @@ class HeadphoneSink:
         lost = min(lost, self.queued - self.taken)
         if lost > 0:
             self._take(lost)
+            self.taken += lost
             self.dropped += lost
         while self.ring.read_available < self.device_target:
             taken = self._take(self.block)
@@ -279,13 +316,16 @@ class HeadphoneSink:
                 break
             pcm, yaw = taken
             if self.logged < len(self.block_log):
-                self.block_log[self.logged] = self.taken - len(pcm), self.written
+                self.block_log[self.logged] = self.taken, self.written
                 self.logged += 1
             if self.rotation is not None:
                 change = 0.0 if yaw is None or self.yaw_now is None else \
                     (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0
                 pcm = self.rotation.process(pcm, change)
-            self._write(self.resampler.process(pcm, self.ratio * (1 + self.correction)))
+            block = self.resampler.process(pcm, self.ratio * (1 + self.correction))
+            with self.level_lock:  # slack() finds the block queued or in the ring, never in neither
+                self.taken += len(pcm)
+                self._write(block)
         full = self.ring.read_available >= self.device_target
         if self.gap_from is not None and not self.restarted and full:
             # after running dry, prebuffer `margin` again as at the start: restarting the moment audio is
@@ -324,7 +364,12 @@ class HeadphoneSink:
         """Seconds of audio buffered (queue + ring) before the device runs dry; None before playback."""
         if not self.playing:
             return None
-        return self.ring.read_available / self.device_rate + (self.queued - self.taken) / self.sample_rate
+        with self.level_lock:
+            line, ring, written, queued = self.read_line, self.ring.read_available, self.written, self.queued - self.taken
+        now = None if line is None else self._stream_time()
+        if now is not None:  # on the device clock: less what the device played since its last callback
+            ring = min(max(written - line - now * self.device_rate, ring - self.period), ring)
+        return ring / self.device_rate + queued / self.sample_rate
 
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.read_available / self.device_rate * 1e3,
