@@ -36,6 +36,12 @@ DRIFT_INTEGRAL_SECONDS = 4.0
 # run on. A window, not a running maximum: a callback early once (as at the start of a playback) then
 # lifted the line a period for seconds, and with it every reading.
 READ_LINE_POLLS = 64
+# Where each ring frame reached the DAC: playbacks give the DAC time of their first frame, but a device
+# that skips or catches up cycles (a JACK xrun) moves the rest (by 44 ms after 23 xruns in a minute,
+# measured), so the sink anchors its frames on the read line every ANCHOR_POLLS polls (~50 ms) once the
+# window holds SETTLED_POLLS, plus the device's read-to-DAC delay measured where no xrun intervened.
+ANCHOR_POLLS = 20
+SETTLED_POLLS = 8
 # Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
 # (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
 # back, and drift correction takes it back at <= MAX_DRIFT_CORRECTION (NetEq: expand, then
@@ -159,6 +165,12 @@ class HeadphoneSink:
         self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - stream time * device rate, per poll
         self.read_line: float | None = None  # their maximum
         self.xruns_seen = 0  # device underflows when it was last reset
+        self.xruns_at_play = 0  # device underflows when the last playback was queued
+        self.polls = 0
+        self.read_to_dac: float | None = None  # seconds from the callback taking a frame to its DAC time
+        # (ring frame, stream time the callback took it); when full, the last row holds the newest anchor
+        self.anchors = np.zeros((int(capture_seconds * 1000 / (2.5 * ANCHOR_POLLS)) + 2, 2))
+        self.anchored = 0
         self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
         self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
         self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
@@ -217,14 +229,23 @@ class HeadphoneSink:
         return sum(p.action.stats.output_underflows for p in self.playbacks)
 
     def device_time(self, frame: np.ndarray) -> np.ndarray:
-        """DAC time (the stream's clock, output.time) at which ring frame(s) `frame` played."""
+        """DAC time (the stream's clock, output.time) at which ring frame(s) `frame` played: from the
+        newest anchor at or before it in its playback (ANCHOR_POLLS), else from the playback's start."""
         started = [p for p in self.playbacks if p.action.actual_time >= 0]
         if not started:
             return np.full(np.shape(frame), np.nan)
+        frame = np.asarray(frame)
         firsts = np.array([p.first for p in started])
         which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
         origin = np.array([p.action.actual_time for p in started])
-        return origin[which] + (np.asarray(frame) - firsts[which]) / self.device_rate
+        played = origin[which] + (frame - firsts[which]) / self.device_rate
+        anchors = self.anchors[:min(self.anchored, len(self.anchors))]
+        if self.read_to_dac is None or not len(anchors):
+            return played
+        i = np.searchsorted(anchors[:, 0], frame, side="right") - 1
+        at, taken_at = anchors[np.maximum(i, 0)].T
+        anchored = taken_at + self.read_to_dac + (frame - at) / self.device_rate
+        return np.where((i >= 0) & (at >= firsts[which]), anchored, played)
 
     def _take(self, n: int):
         """The next n queued samples (and their generation yaw); the caller counts them in `taken`."""
@@ -255,6 +276,7 @@ class HeadphoneSink:
 
     def _play(self) -> None:
         self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
+        self.xruns_at_play = self.device_underflows
         self.leads.clear()
         self.read_line = None
 
@@ -267,8 +289,17 @@ class HeadphoneSink:
             self.leads.clear()
             self.read_line, self.xruns_seen = None, xruns
             return
-        self.leads.append(self.consumed - now * self.device_rate)
+        consumed = self.consumed
+        self.leads.append(consumed - now * self.device_rate)
         self.read_line = max(self.leads)
+        self.polls += 1
+        if self.polls % ANCHOR_POLLS or len(self.leads) < SETTLED_POLLS:
+            return
+        taken_at = (consumed - self.read_line) / self.device_rate
+        if self.read_to_dac is None and xruns == self.xruns_at_play:
+            self.read_to_dac = float(self.device_time(consumed)) - taken_at
+        self.anchors[min(self.anchored, len(self.anchors) - 1)] = consumed, taken_at
+        self.anchored += 1
 
     def _stream_time(self) -> float | None:
         """The device's clock (PortAudio stream time), None where the host API cannot tell it."""
@@ -284,7 +315,7 @@ class HeadphoneSink:
         if self.gap_from is None:
             if last.action not in self.output.actions:
                 self.underflows += 1
-                self.gap_from = last.action.actual_time + (self.consumed - last.first) / self.device_rate
+                self.gap_from = float(self.device_time(self.consumed))
         elif self.restarted and last.action.actual_time >= 0:
             self.missing += int(round((last.action.actual_time - self.gap_from) * self.device_rate))
             self.gap_from, self.restarted = None, False
