@@ -164,8 +164,7 @@ class HeadphoneSink:
         self.period = blocksize  # device frames per callback
         self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - stream time * device rate, per poll
         self.read_line: float | None = None  # their maximum
-        self.xruns_seen = 0  # device underflows when it was last reset
-        self.xruns_at_play = 0  # device underflows when the last playback was queued
+        self.xruns_seen = 0  # the current playback's device underflows when the line was last reset
         self.polls = 0
         self.read_to_dac: float | None = None  # seconds from the callback taking a frame to its DAC time
         # (ring frame, stream time the callback took it); when full, the last row holds the newest anchor
@@ -276,15 +275,16 @@ class HeadphoneSink:
 
     def _play(self) -> None:
         self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
-        self.xruns_at_play = self.device_underflows
+        self.xruns_seen = 0
         self.leads.clear()
         self.read_line = None
 
     def _track_reads(self) -> None:
         """Follow the line on which the device's callbacks take the ring (READ_LINE_POLLS); start it
         again when the device stopped taking it on time (ran dry, restarted, an xrun)."""
-        xruns, now = self.device_underflows, self._stream_time()
-        if self.gap_from is not None or self.playbacks[-1].action.actual_time < 0 or xruns != self.xruns_seen \
+        last, now = self.playbacks[-1].action, self._stream_time()
+        xruns = last.stats.output_underflows  # (this playback's alone: the sum over all grows with them)
+        if self.gap_from is not None or last.actual_time < 0 or xruns != self.xruns_seen \
                 or now is None:
             self.leads.clear()
             self.read_line, self.xruns_seen = None, xruns
@@ -296,7 +296,7 @@ class HeadphoneSink:
         if self.polls % ANCHOR_POLLS or len(self.leads) < SETTLED_POLLS:
             return
         taken_at = (consumed - self.read_line) / self.device_rate
-        if self.read_to_dac is None and xruns == self.xruns_at_play:
+        if self.read_to_dac is None and xruns == 0:
             self.read_to_dac = float(self.device_time(consumed)) - taken_at
         self.anchors[min(self.anchored, len(self.anchors) - 1)] = consumed, taken_at
         self.anchored += 1
