@@ -5,7 +5,7 @@ Each step is a function usable on its own (Polygraphy's composable loaders):
     model = load(checkpoint)                               # safetensors checkpoint -> BinauralModel
     geometry = configure(model, hop=4, batch=1, ...)       # the few-step hop: shapes, steps, guidance
     graphs = trace(model, geometry, out_dir)               # three static-shape ONNX graphs (engine/hop.py)
-    quantize(graphs)                                       # only for int8: int8 MatMul weights (onnxruntime)
+    quantize(graphs, calibration_inputs(model, geometry))  # only for int8: int8 MatMul weights (onnxruntime)
     check(graphs, geometry)                                # onnx.checker + shape inference vs the geometry
     write_manifest(out_dir, ...)                           # rates, shapes, options, hashes, versions
 
@@ -34,6 +34,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # int8: the graphs whose weights dominate a hop (denoise reads 19.4 MB of fp32 weights per call for the
 # shipped student); decode (2 MB, mostly convolutions) stays fp32
 QUANTIZED = ("conditions", "denoise")
+# int8: onnxruntime quantizes each MatMul's activations per tensor to uint8 on the fly, so a few huge
+# channels set a step that rounds the rest to zero. A MatMul whose activations lose more than this share
+# of their entries so, on CALIBRATION_HOPS hops of a fresh stream, stays fp32: the retrained student's
+# joint.1.mlp.down sees channels at 300-1150 against ~5 rms while the context fills, and quantized it
+# held every stream's first 7 hops to ~8 dB SNR against fp32 (41 dB after).
+ZEROED_LIMIT = 0.2
+CALIBRATION_HOPS = 12
 
 
 class ExportError(ValueError):
@@ -87,18 +94,52 @@ def trace(model: BinauralModel, geometry: HopGeometry, out_dir: Path | str) -> d
     return paths
 
 
-def quantize(paths: dict[str, Path]) -> None:
+def zeroed_share(x: torch.Tensor) -> float:
+    """The share of x's nonzero entries that per-tensor asymmetric uint8 quantization (onnxruntime's
+    DynamicQuantizeLinear: the range spans 0, so zeros stay exact) rounds to zero."""
+    scale = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255
+    nonzero = x != 0
+    return float((x[nonzero].abs() < scale / 2).float().mean()) if nonzero.any() else 0.0
+
+
+def calibration_inputs(model: BinauralModel, geometry: HopGeometry, hops: int = CALIBRATION_HOPS) -> dict[str, list]:
+    """Each step's inputs on `hops` hops of a fresh stream (random frames, poses and noise; the
+    start-up hops, while the context fills, included), by step name."""
+    from engine.backends import example_inputs
+    from engine.hop import HopRunner, module_step
+
+    modules, seen = hop_steps(model.cpu().eval(), geometry), {name: [] for name in QUANTIZED}
+
+    def recorded(name):
+        run = module_step(modules[name], *geometry.signature()[name])
+
+        def step(values):
+            if name in seen:
+                seen[name].append({n: v.clone() for n, v in values.items()})
+            return run(values)
+        return step
+
+    runner = HopRunner(geometry, {name: recorded(name) for name in STEPS})
+    state = runner.init_state()
+    for i in range(hops):
+        runner.hop(state, **example_inputs(geometry, i))
+    return seen
+
+
+def quantize(paths: dict[str, Path], calibration: dict[str, list] | None = None) -> dict[str, list[str]]:
     """int8 engines: onnxruntime's dynamic quantization of the MatMul weights (int8 weights, each call's
     activations quantized on the fly; MatMulInteger runs on VNNI), in place. A hop then reads a quarter
     of the weight bytes; on the 2-core Xeon a live hop, which runs after an idle wait, cost ~1.35x the
     same hop back to back, most likely re-reading them. The TorchScript exporter routes weights shared
     by the unrolled flow steps through Identity nodes, which the quantizer skips; their consumers are
-    pointed at the weight first."""
+    pointed at the weight first. With `calibration` (calibration_inputs), MatMuls whose activations
+    quantization would mostly zero (ZEROED_LIMIT) stay fp32; returns their names by graph."""
     import logging
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    kept = {}
     for name in QUANTIZED:
         model = onnx.load(str(paths[name]))
         weights = {w.name for w in model.graph.initializer}
@@ -111,12 +152,41 @@ def quantize(paths: dict[str, Path]) -> None:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         onnx.save(model, str(paths[name]))
+        kept[name] = [] if calibration is None else _outlier_matmuls(model, calibration[name])
         logging.disable(logging.WARNING)  # its advice to run a shape pre-processing pass (ours are static)
         try:
             quantize_dynamic(str(paths[name]), str(paths[name]), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=kept[name])
         finally:
             logging.disable(logging.NOTSET)
+    return kept
+
+
+def _outlier_matmuls(model, inputs: list[dict]) -> list[str]:
+    """The MatMul nodes with a weight (those the quantizer takes) of an fp32 graph whose activation
+    input loses more than ZEROED_LIMIT of its nonzero entries to uint8 quantization on any of the
+    recorded inputs (run in onnxruntime, every activation exposed as an output)."""
+    import onnx
+    import onnxruntime as ort
+
+    weights = {w.name for w in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and weights & set(n.input)]
+    activations = sorted({x for n in matmuls for x in n.input if x not in weights})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(x) for x in activations if x not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = [i.name for i in session.get_inputs()]
+    worst = dict.fromkeys(activations, 0.0)
+    for values in inputs:
+        out = session.run(activations, {n: values[n].numpy() for n in feeds})
+        for x, value in zip(activations, out):
+            worst[x] = max(worst[x], zeroed_share(torch.from_numpy(value)))
+    return [n.name for n in matmuls if any(worst.get(x, 0.0) > ZEROED_LIMIT for x in n.input)]
 
 
 def check(paths: dict[str, Path], geometry: HopGeometry) -> None:
@@ -151,7 +221,7 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(out_dir: Path | str, geometry: HopGeometry, model: BinauralModel, checkpoint: Path | str,
-                   paths: dict[str, Path], precision: str) -> Path:
+                   paths: dict[str, Path], precision: str, fp32_matmuls: dict | None = None) -> Path:
     vae = model.vae.cfg
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -162,6 +232,7 @@ def write_manifest(out_dir: Path | str, geometry: HopGeometry, model: BinauralMo
                 "seconds": geometry.samples / vae.sample_rate, "context": geometry.window - geometry.hop},
         "steps": len(geometry.times) - 1, "evaluations": geometry.evaluations, "batch": geometry.batch,
         "precision": precision, "opset": OPSET,
+        "fp32_matmuls": fp32_matmuls or {},  # int8: the MatMuls calibration kept fp32 (ZEROED_LIMIT), by graph
         "geometry": asdict(geometry),
         "graphs": {name: {"file": paths[name].name, "sha256": sha256(paths[name]),
                           "inputs": [[n, list(s), t] for n, s, t in ins],
@@ -186,7 +257,6 @@ def export_engine(out_dir: Path | str, checkpoint: Path | str | None = None, hop
     model, _ = load(checkpoint)
     geometry = configure(model, hop, batch, context, steps)
     paths = trace(model, geometry, out_dir)
-    if precision == "int8":
-        quantize(paths)
+    kept = quantize(paths, calibration_inputs(model, geometry)) if precision == "int8" else {}
     check(paths, geometry)
-    return write_manifest(out_dir, geometry, model, checkpoint, paths, precision)
+    return write_manifest(out_dir, geometry, model, checkpoint, paths, precision, kept)

@@ -63,8 +63,8 @@ def test_onnxruntime_equals_torch_and_the_offline_generator(engine_dir, tiny_mod
 
 def test_an_int8_engine_quantizes_every_matmul_weight_and_stays_near_fp32(tiny_models, tmp_path):
     """int8: the Identity-routed weights shared by the unrolled flow steps are quantized too (the
-    quantizer skipped them before they were unaliased); deterministic; onnxruntime only; held to the
-    fp32 checkpoint."""
+    quantizer skipped them before they were unaliased), but those calibration kept fp32, named in the
+    manifest; deterministic; onnxruntime only; held to the fp32 checkpoint."""
     import onnx
 
     from export.compare import compare_backends
@@ -77,7 +77,8 @@ def test_an_int8_engine_quantizes_every_matmul_weight_and_stays_near_fp32(tiny_m
         graph = onnx.load(str(engine / f"{name}.onnx")).graph
         weights = {w.name for w in graph.initializer}
         float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and weights & set(n.input)]
-        assert float_matmuls == [] and any(n.op_type == "MatMulInteger" for n in graph.node), name
+        assert sorted(float_matmuls) == sorted(read_manifest(engine)["fp32_matmuls"][name]), name
+        assert any(n.op_type == "MatMulInteger" for n in graph.node), name
     audio = compare_backends(engine, threads=1)["pairs"]["onnxruntime vs torch-eager"]["audio"]
     assert 15 < audio["snr_db"] < 200, audio  # close to fp32, and not fp32 itself
     with pytest.raises(EngineError, match="int8 engine runs on onnxruntime only"):
@@ -298,3 +299,31 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
     # the gated decode, hop by hop with its state, equals one whole decode gated over all gains
     from training.evaluate import seams
     assert seams(held, seconds=2.0)["chunked_vs_whole_decode_max_abs"] < 1e-5
+
+
+def test_int8_calibration_keeps_a_matmul_whose_activations_quantization_would_zero():
+    """onnxruntime quantizes a MatMul's activations per tensor: a few huge channels (as the retrained
+    student's joint.1.mlp.down sees while the context fills) set a step that zeroes the rest. Such a
+    MatMul stays fp32; one with ordinary activations, or many exact zeros, is quantized."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.steps import ZEROED_LIMIT, _outlier_matmuls, zeroed_share
+
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(64, 32, generator=g)
+    spiky = plain.clone()
+    spiky[:, :3] *= 300  # 3 channels of 32 at ~300 rms
+    padded = plain.clone()
+    padded[:48] = 0  # missing context: zeros stay exact
+    assert zeroed_share(plain) < 0.05 and zeroed_share(padded) < 0.05 < ZEROED_LIMIT < zeroed_share(spiky)
+
+    weight = numpy_helper.from_array(np.ones((32, 8), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["ya"], name="first"), helper.make_node("MatMul", ["b", "w"], ["yb"], name="second")],
+        "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 32]) for n in "ab"],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 8]) for n in ("ya", "yb")], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = [{"a": plain, "b": padded}, {"a": plain, "b": spiky}]  # the second hop's b has the outliers
+    assert _outlier_matmuls(model, inputs) == ["second"]
+    assert _outlier_matmuls(model, inputs[:1]) == []
