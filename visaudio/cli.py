@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="independent streams per graph call")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="fp16: the TensorRT plan is built in FP16 (the ONNX stays fp32); int8: int8 MatMul "
-                        "weights in the ONNX graphs, for onnxruntime only")
+                        "weights in the ONNX graphs, for onnxruntime only (a calibration keeps fp32 the MatMuls "
+                        "whose activations uint8 quantization would mostly zero)")
     p.add_argument("--check", action="store_true", help="run the cross-backend comparator on the export")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_export)
