@@ -36,9 +36,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED = ("conditions", "denoise")
 # int8: onnxruntime quantizes each MatMul's activations per tensor to uint8 on the fly, so a few huge
 # channels set a step that rounds the rest to zero. A MatMul whose activations lose more than this share
-# of their entries so, on CALIBRATION_HOPS hops of a fresh stream, stays fp32: the retrained student's
-# joint.1.mlp.down sees channels at 300-1150 against ~5 rms while the context fills, and quantized it
-# held every stream's first 7 hops to ~8 dB SNR against fp32 (41 dB after).
+# of their nonzero entries so, on CALIBRATION_HOPS hops of a fresh stream, stays fp32. The retrained
+# student's joint.1.mlp.down sees channels at 300-1150 against ~5 rms while the context fills (77% lost),
+# and quantized it held every stream's first 7 hops to ~8 dB SNR against fp32 (41 dB after); over its
+# denoise graph's activations and hops the share lost is p50 5% / p90 17% / p99 90%, and with those over
+# 20% kept the first hops hold 43-47 dB.
 ZEROED_LIMIT = 0.2
 CALIBRATION_HOPS = 12
 
