@@ -212,7 +212,7 @@ def test_stream_cli_to_headphones(jack, tiny_models, clip_dir, tmp_path):
     export_engine(tmp_path / "engine", tiny_models["student"])
     done = subprocess.run([sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"),
                            "--backend", "onnxruntime", "--video", str(clip_dir), "--pose", str(clip_dir / "pose.jsonl"),
-                           "--out", "headphones", "--seconds", "4", "--quiet"], capture_output=True, text=True, timeout=90)
+                           "--out", "headphones", "--seconds", "4", "--quiet", "--port", "0"], capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped:" in done.stdout and "underflows" in done.stdout  # it played, and says how well
 

@@ -99,7 +99,7 @@ def test_stream_cli_plays_files_into_a_wav_and_stops_cleanly_on_sigterm(tiny_mod
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"),
                              "--backend", "onnxruntime", "--video", str(clip_dir), "--pose", str(clip_dir / "pose.jsonl"),
-                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             "--out", str(out), "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     time.sleep(6.0)  # start-up, then about two seconds of the clip
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=20)
@@ -160,10 +160,12 @@ def test_stream_cli_captures_a_camera_through_pyav(tiny_models, tmp_path):
     export_engine(tmp_path / "engine", tiny_models["student"])
     out = tmp_path / "camera.wav"
     cmd = [sys.executable, "-m", "visaudio.cli", "stream", "--engine", str(tmp_path / "engine"), "--backend",
-           "onnxruntime", "--quiet", "--out", str(out), "--seconds", "4"]
+           "onnxruntime", "--quiet", "--out", str(out), "--seconds", "4", "--port", "0"]
     done = subprocess.run(cmd + ["--video", "camera:testsrc2=size=320x240:rate=25,realtime", "--camera-format", "lavfi"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    ports = re.findall(r"(?:frames|pose|control|audio) tcp://127\.0\.0\.1:(\d+)", done.stdout)  # --port 0: free ones
+    assert len(set(ports)) == 4 and "0" not in ports, done.stdout
     hops = int(re.search(r"stopped: (\d+) hops", done.stdout).group(1))
     concealed = int(re.search(r"concealed frames (\d+)", done.stdout).group(1))
     audio, _ = sf.read(out, always_2d=True)

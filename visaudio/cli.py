@@ -222,10 +222,12 @@ def cmd_stream(args) -> int:
         except OSError as exc:
             return _fail(str(exc))
     sample_rate = runner.manifest["rates"]["sample_rate"]
-    cfg = RuntimeConfig()
+    ports = {name: f"tcp://127.0.0.1:{args.port + i if args.port else '*'}"
+             for i, name in enumerate(("frames", "pose", "control", "audio"))}
+    cfg = RuntimeConfig(**ports)
     sinks = []
     if args.out.startswith(("tcp://", "ipc://")):
-        cfg = RuntimeConfig(audio=args.out)
+        cfg = replace(cfg, audio=args.out)
     elif args.out == "headphones":
         from realtime.audio import HeadphoneSink
 
@@ -255,7 +257,9 @@ def cmd_stream(args) -> int:
         t.start()
     ends = time.monotonic() + args.seconds if args.seconds else float("inf")
     next_report = time.monotonic() + 1.0
-    print(f"streaming on {runner.backend}: frames {cfg.frames}, pose {cfg.pose}, control {cfg.control}, audio {cfg.audio}"
+    bound = runtime.endpoints()
+    print(f"streaming on {runner.backend}: frames {bound.frames}, pose {bound.pose}, control {bound.control}, "
+          f"audio {bound.audio}"
           f"{'' if not sinks else ' + ' + args.out}  (Ctrl-C stops)")
 
     def should_stop() -> bool:  # also prints the live stats once a second
@@ -668,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose", default="zmq", help="zmq, or a pose.jsonl file played at its timestamps")
     p.add_argument("--out", default="tcp://127.0.0.1:5563",
                    help="headphones (the default PortAudio output), FILE.wav, or a tcp:// PUB endpoint")
+    p.add_argument("--port", type=int, default=5560, help="loopback ports: frames PORT, pose PORT+1, control "
+                                                          "PORT+2, audio PORT+3; 0: free ports (printed)")
     p.add_argument("--stream", type=int, default=0, help="stream id for file and camera sources")
     p.add_argument("--seconds", type=float, help="stop after this long")
     p.add_argument("--threads", type=int, default=1)
