@@ -70,7 +70,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     if runner.g.batch < streams:
         raise ValueError(f"{streams} streams need an engine exported with --batch >= {streams}")
     sample_rate = runner.manifest["rates"]["sample_rate"]
-    cfg = RuntimeConfig(**{k: "tcp://127.0.0.1:*" for k in ("frames", "pose", "control", "audio")})
+    cfg = RuntimeConfig.loopback()
     hop_ms = runner.g.samples / sample_rate * 1e3
     sink = HeadphoneSink(sample_rate, 0, blocksize=blocksize, device_ms=device_ms, capture_seconds=seconds + 5)
     runtime = Runtime(runner, sample_rate, cfg, [sink])

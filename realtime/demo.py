@@ -68,7 +68,7 @@ def run_live(engine_dir, frames: np.ndarray, pose: np.ndarray, fps: float, headp
             sinks.append(HeadphoneSink(rate, 0))
         except (OSError, ValueError):  # no PortAudio library or no output device: record only
             pass
-    cfg = RuntimeConfig(**{k: "tcp://127.0.0.1:*" for k in ("frames", "pose", "control", "audio")})
+    cfg = RuntimeConfig.loopback()
     runtime = Runtime(runner, rate, cfg, sinks)
     stop = threading.Event()
     game = threading.Thread(target=publish_scene, args=(frames, pose, fps, runtime.endpoints(), stop), daemon=True)

@@ -54,6 +54,13 @@ class RuntimeConfig(JsonConfig):
     curve_secret: str = ""
     curve_clients: str = ""
 
+    @classmethod
+    def loopback(cls, port: int = 0, **options) -> "RuntimeConfig":
+        """The four endpoints on 127.0.0.1 at ports port..port+3 (frames, pose, control, audio); port 0:
+        free ports, which Runtime.endpoints() tells."""
+        return cls(**{name: f"tcp://127.0.0.1:{port + i if port else '*'}"
+                      for i, name in enumerate(("frames", "pose", "control", "audio"))}, **options)
+
 
 class Runtime:
     def __init__(self, runner: HopRunner, sample_rate: int, cfg: RuntimeConfig = RuntimeConfig(),

@@ -59,8 +59,7 @@ def tiny_models(tmp_path_factory):
 
 
 # every runtime socket on a free loopback port; a generous wait, so a slow test machine never conceals
-LOCAL_RUNTIME = RuntimeConfig(frames="tcp://127.0.0.1:*", pose="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                              audio="tcp://127.0.0.1:*", max_wait_ms=150.0)
+LOCAL_RUNTIME = RuntimeConfig.loopback(max_wait_ms=150.0)
 
 
 @contextlib.contextmanager

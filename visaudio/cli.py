@@ -222,9 +222,7 @@ def cmd_stream(args) -> int:
         except OSError as exc:
             return _fail(str(exc))
     sample_rate = runner.manifest["rates"]["sample_rate"]
-    ports = {name: f"tcp://127.0.0.1:{args.port + i if args.port else '*'}"
-             for i, name in enumerate(("frames", "pose", "control", "audio"))}
-    cfg = RuntimeConfig(**ports)
+    cfg = RuntimeConfig.loopback(args.port)
     sinks = []
     if args.out.startswith(("tcp://", "ipc://")):
         cfg = replace(cfg, audio=args.out)
