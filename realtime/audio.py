@@ -275,13 +275,10 @@ class HeadphoneSink:
 
     def _play(self) -> None:
         self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
-        self.xruns_seen = 0
-        self.leads.clear()
-        self.read_line = None
 
     def _track_reads(self) -> None:
         """Follow the line on which the device's callbacks take the ring (READ_LINE_POLLS); start it
-        again when the device stopped taking it on time (ran dry, restarted, an xrun)."""
+        again when the device stopped taking it on time (ran dry, a new playback not yet begun, an xrun)."""
         last, now = self.playbacks[-1].action, self._stream_time()
         xruns = last.stats.output_underflows  # (this playback's alone: the sum over all grows with them)
         if self.gap_from is not None or last.actual_time < 0 or xruns != self.xruns_seen \
