@@ -144,7 +144,10 @@ class HeadphoneSink:
 
         from realtime.reproject import LateRotation
 
-        info = sd.query_devices(device, "output")
+        try:
+            info = sd.query_devices(device, "output")
+        except sd.PortAudioError as exc:  # (not an OSError) e.g. PortAudio without any output device
+            raise OSError(f"no PortAudio output device {device if device is not None else '(default)'}: {exc}") from exc
         self.portaudio_error = sd.PortAudioError
         self.sample_rate, self.device_rate = sample_rate, int(info["default_samplerate"])
         self.stream_id, self.ratio = stream, self.device_rate / sample_rate

@@ -63,6 +63,19 @@ def jack():
         server.wait(timeout=10)
 
 
+def test_a_missing_output_device_is_an_os_error_that_names_it():
+    """PortAudio's own error is not an OSError: `visaudio demo` (the README's main command) crashed on a
+    machine with PortAudio but no sound card instead of recording only."""
+    from realtime.audio import HeadphoneSink
+
+    try:
+        import sounddevice  # noqa: F401
+    except OSError:
+        pytest.skip("no PortAudio library (apt-get install libportaudio2)")
+    with pytest.raises(OSError, match="no PortAudio output device 999"):
+        HeadphoneSink(16000, device=999)
+
+
 def test_headphone_sink_plays_in_real_time(jack):
     done = subprocess.run([sys.executable, "-c", PLAY], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
