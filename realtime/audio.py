@@ -49,6 +49,17 @@ SETTLED_POLLS = 8
 # hop while compute stayed slow. Longer gaps and backlogs (a stalled device, a producer stall) are
 # dropped down to it.
 MAX_EXCESS_SECONDS = 0.04
+# Latency kept that way, and a device's xruns (each leaves a period more buffered), drift correction
+# gives back at <= 0.5% (8 s for 40 ms): on a VM whose host steals CPU time that kept 5-10% of a soak's
+# frames 15-40 ms late. Once the hops have found at least half the margin buffered for CALM_SECONDS
+# (compute keeps up again), a level more than RECOVER_ABOVE_SECONDS over the margin is dropped at
+# once, crossfaded. (3-minute runs rotating the builds, 40 ms hops: video-to-sound p95 113-115 ms at
+# 1 s, 113-140 at 2 s, 115-148 with drift correction alone; steal differed from run to run.)
+CALM_SECONDS = 1.0
+RECOVER_ABOVE_SECONDS = 0.01
+# Every drop crossfades this many model samples (5 ms, raised cosine) from the audio it cuts to the
+# audio after it: a hard cut in a tone clicks (a jump up to twice its amplitude).
+FADE_SAMPLES = 80
 TAPS = 32  # taps of the sinc kernel (half on each side), in input samples
 KERNEL_PHASES = 512  # table rows per input sample; interpolating between rows errs by ~3e-6 of full scale
 
@@ -127,7 +138,8 @@ class HeadphoneSink:
     (median): the slack for a hop's compute or frames to come late, the same whatever the first hop
     happened to cost. When the ring runs dry, playback restarts `margin_ms` after audio is back
     (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest
-    of the audio it stood for is dropped (NetEq's expand, then accelerate). The device callback is
+    of the audio it stood for is dropped (NetEq's expand, then accelerate); the latency kept is dropped
+    too once the hops have come on time for CALM_SECONDS. Every drop is crossfaded (FADE_SAMPLES). The device callback is
     rtmixer's, in C: it copies from the ring and nothing else."""
 
     # margin_ms: on the 2-core Xeon a 40 ms hop computes in p50 ~20 / p99 25-37 ms, and the runtime waits
@@ -156,6 +168,7 @@ class HeadphoneSink:
         self.started_at: float | None = None
         self.output_latency = 0.0
         self.arrival_slack: deque = deque(maxlen=ARRIVAL_WINDOW)  # seconds still buffered as the last hops arrived
+        self.calm_since = _time.monotonic()  # since then no hop found less than half the margin, no ring ran dry
         self.device_target = int(device_ms / 1e3 * self.device_rate)
         frames = 1 << int(np.ceil(np.log2(capacity_seconds * self.device_rate)))  # PortAudio rings: 2^k
         self.ring = rtmixer.RingBuffer(8, frames)  # float32 stereo frames
@@ -266,6 +279,34 @@ class HeadphoneSink:
         yaws = None if any(y is None for y in yaw) else np.concatenate(yaw)
         return np.concatenate(pcm), yaws
 
+    def _recoverable(self) -> int:
+        """Model samples of kept latency to give back now (CALM_SECONDS, RECOVER_ABOVE_SECONDS)."""
+        found = list(self.arrival_slack)  # (the runtime thread appends to it)
+        if self.gap_from is not None or len(found) < ARRIVAL_WINDOW or \
+                _time.monotonic() < self.calm_since + CALM_SECONDS:
+            return 0
+        excess = float(np.median(found)) - self.margin
+        if excess <= RECOVER_ABOVE_SECONDS:
+            return 0
+        self.arrival_slack.clear()  # (they read the level before the drop)
+        return int(excess * self.sample_rate)
+
+    def _drop(self, n: int) -> None:
+        """Drop the next n queued samples, crossfading FADE_SAMPLES of the audio cut into the audio after
+        it (the first samples still to play); the caller keeps n <= what is queued."""
+        fade = min(FADE_SAMPLES, self.queued - self.taken - n)
+        pcm, yaw = self._take(n + max(fade, 0))
+        if fade > 0:
+            rise = (0.5 - 0.5 * np.cos(np.pi * (np.arange(fade) + 0.5) / fade)).astype(np.float32)[:, None]
+            blend = pcm[:fade] * (1 - rise) + pcm[n:] * rise
+            if self.head is not None:  # what is left of the block being consumed plays after the blend
+                block, block_yaw, at = self.head
+                self.queue.appendleft((block[at:], None if block_yaw is None else block_yaw[at:]))
+            self.head = (blend, None if yaw is None else yaw[n:], 0)
+        with self.level_lock:
+            self.taken += n
+        self.dropped += n
+
     def _write(self, block: np.ndarray) -> None:
         n = len(block)
         if n > self.ring.write_available:
@@ -315,6 +356,7 @@ class HeadphoneSink:
         if self.gap_from is None:
             if last.action not in self.output.actions:
                 self.underflows += 1
+                self.calm_since = _time.monotonic()
                 self.gap_from = float(self.device_time(self.consumed))
         elif self.restarted and last.action.actual_time >= 0:
             self.missing += int(round((last.action.actual_time - self.gap_from) * self.device_rate))
@@ -326,21 +368,26 @@ class HeadphoneSink:
             self._watch_playback()
             self._track_reads()
         lost = 0
-        if self.missing > self.skipped:  # the device played silence: drop what exceeds MAX_EXCESS_SECONDS of it
+        if self.missing > self.skipped:  # the device played silence: drop what exceeds MAX_EXCESS_SECONDS of
+            # it, but not the last `margin` queued (hops that did not catch up after a stall: dropping them
+            # left the next hop a ring run dry again)
             gap = (self.missing - self.skipped) / self.device_rate
-            lost = int(max(0.0, gap - MAX_EXCESS_SECONDS) * self.sample_rate)
+            lost = min(int(max(0.0, gap - MAX_EXCESS_SECONDS) * self.sample_rate),
+                       self.queued - self.taken - int(self.margin * self.sample_rate))
             self.skipped = self.missing
-        if self.playing:  # a backlog (the device stalled, a burst of hops) is latency: drop it down to
-            # MAX_EXCESS_SECONDS above the top of the level's sawtooth, margin + a hop (just after a hop
-            # arrived; measuring from the sawtooth's mean dropped audio after every 80 ms hop)
+        elif self.playing and self.gap_from is None:  # a backlog (the device stalled, a burst of hops) is
+            # latency: drop it down to MAX_EXCESS_SECONDS above the top of the level's sawtooth, margin + a
+            # hop (just after a hop arrived; measuring from the sawtooth's mean dropped audio after every
+            # 80 ms hop). Not while the ring is dry: the hops a stalled producer sends at once to catch up
+            # are the gap's audio, which the rule above drops once the gap is known (both left the next
+            # hop 3 ms buffered of a 40 ms margin)
             excess = self.slack() - self.margin - self.last_hop
             if excess > MAX_EXCESS_SECONDS:
                 lost += int((excess - MAX_EXCESS_SECONDS) * self.sample_rate)
+            lost += self._recoverable()
         lost = min(lost, self.queued - self.taken)
         if lost > 0:
-            self._take(lost)
-            self.taken += lost
-            self.dropped += lost
+            self._drop(lost)
         while self.ring.read_available < self.device_target:
             taken = self._take(self.block)
             if taken is None:
@@ -380,6 +427,8 @@ class HeadphoneSink:
         by ~9 ms for seconds after each move, and the mean sits above the arrivals by a hop-dependent
         half hop."""
         self.arrival_slack.append(found)
+        if found < self.margin / 2:
+            self.calm_since = _time.monotonic()
         error = float(np.median(self.arrival_slack)) - self.margin
         # fuller than the margin: the device is slower than the producer, so shrink the output a little
         wanted = -DRIFT_GAIN * (error + self.drift_integral)

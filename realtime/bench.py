@@ -113,13 +113,15 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         p.start()
     started = time.monotonic()
     next_rss = started + 10
-    underflow_times, seen = [], 0
+    # device-clock times at which the ring ran dry / the device flagged an underflow (seen within a poll)
+    ring_dry_at, device_xrun_at, seen = [], [], [0, 0]
     try:
         while any(p.is_alive() for p in producers):
             runtime.poll_once(20.0)
-            if sink.underflows + sink.device_underflows > seen:
-                seen = sink.underflows + sink.device_underflows
-                underflow_times.append(time.monotonic() - started)
+            counts = [sink.underflows, sink.device_underflows]
+            for times, count, before in zip((ring_dry_at, device_xrun_at), counts, seen):
+                times.extend([sink.output.time] * (count - before))
+            seen = counts
             if time.monotonic() >= next_rss:
                 rss.append(_rss_mb())
                 next_rss += 10
@@ -163,7 +165,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
 
     log = sink.block_log[:sink.logged]
     fixed = (sink.rotation.base + TAPS // 2) * sink.ratio
-    video = []
+    video, video_sent = [], []
     for media, sent in sent_frames:
         model_sample = media * sample_rate + runner.g.vae_hop
         i = int(np.searchsorted(log[:, 0], model_sample, side="right")) - 1 if len(log) else -1
@@ -172,6 +174,8 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         device_sample = int(round(log[i, 1] + (model_sample - log[i, 0]) * sink.ratio + fixed))
         if device_sample < len(audio):
             video.append((float(sink.device_time(device_sample)) - sent) * 1e3)
+            video_sent.append(sent)
+    origin = next((sent for _, sent in sent_frames if not math.isnan(sent)), 0.0)
     report = {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
             "device_ms": device_ms, "blocksize": blocksize,
             "hop_ms": hop_ms, "device_rate": rate, "yaw_steps": len(steps),
@@ -184,7 +188,9 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "deadline_misses": stats["counts"].get("deadline misses", 0),
             "underflows": underflows, "device_underflows": device_underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
                                                         "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
-            "underflow_times_s": [float(t) for t in underflow_times],
+            # when each happened, seconds on the device clock from the first frame sent
+            "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
+            "device_underflow_times_s": [round(float(t) - origin, 3) for t in device_xrun_at],
             # kernel work of the whole process while streaming: page faults stall in the kernel, and on a
             # kernel without full preemption they can delay the audio threads' wake-ups
             "page_faults": {"minor": usage_end.ru_minflt - usage.ru_minflt, "major": usage_end.ru_majflt - usage.ru_majflt},
@@ -195,20 +201,25 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "dropped_samples": sink.dropped,
             "rejected": stats["rejected_total"]}
     if plot:
-        report["plot"] = plot_latency(report, lateral_t, lateral, steps, motion, video, plot)
+        report["plot"] = plot_latency(report, lateral_t, lateral, steps, motion, video,
+                                      np.asarray(video_sent) - origin, plot)
     return report
 
 
 def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps: list, motion: list, video: list,
-                 path) -> str:
-    """The played audio's lateral angle around the first yaw steps, and both latency distributions
-    against their targets (MOTION_TARGET_MS, VIDEO_TARGET_MS)."""
+                 video_sent: np.ndarray, path) -> str:
+    """The played audio's lateral angle around the first yaw steps, both latency distributions against
+    their targets (MOTION_TARGET_MS, VIDEO_TARGET_MS), and video-to-sound over the whole run with the
+    moments the ring ran dry and the device flagged underflows (what a soak's latency tail comes from)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (trace, left, right) = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [2, 1, 1]})
+    fig = plt.figure(figsize=(14, 6.6))
+    grid = fig.add_gridspec(2, 4)
+    trace, left, right = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2]), fig.add_subplot(grid[0, 3])
+    timeline = fig.add_subplot(grid[1, :])
     if steps:
         origin = steps[0][0]
         shown = (lateral_t >= origin - 0.5) & (lateral_t <= origin + 4.5)
@@ -227,8 +238,17 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
         ax.axvline(target, color="C3", ls="--", label=f"target {target:g} ms")
         ax.set_xlabel(f"{name} (ms)")
         ax.legend(fontsize=8)
+    timeline.plot(video_sent, video, ",", color="0.3")
+    timeline.axhline(VIDEO_TARGET_MS, color="C3", ls="--", lw=0.8, label=f"target {VIDEO_TARGET_MS:g} ms")
+    bottom = min(video) - 5 if video else 0
+    for times, color, name in ((report["device_underflow_times_s"], "0.6", "device underflow (xrun)"),
+                               (report["underflow_times_s"], "C3", "ring ran dry")):
+        if times:
+            timeline.plot(times, np.full(len(times), bottom), "|", color=color, ms=10, label=f"{name}: {len(times)}")
+    timeline.set_xlabel("seconds into the run")
+    timeline.set_ylabel("video-to-sound (ms)")
+    timeline.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
-
