@@ -139,8 +139,8 @@ class HeadphoneSink:
     happened to cost. When the ring runs dry, playback restarts `margin_ms` after audio is back
     (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest
     of the audio it stood for is dropped (NetEq's expand, then accelerate); the latency kept is dropped
-    too once the hops have come on time for CALM_SECONDS. Every drop is crossfaded (FADE_SAMPLES). The device callback is
-    rtmixer's, in C: it copies from the ring and nothing else."""
+    too once the hops have come on time for CALM_SECONDS. Every drop is crossfaded (FADE_SAMPLES). The
+    device callback is rtmixer's, in C: it copies from the ring and nothing else."""
 
     # margin_ms: on the 2-core Xeon a 40 ms hop computes in p50 ~20 / p99 25-37 ms, and the runtime waits
     # for late frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms
@@ -382,9 +382,8 @@ class HeadphoneSink:
             # are the gap's audio, which the rule above drops once the gap is known (both left the next
             # hop 3 ms buffered of a 40 ms margin)
             excess = self.slack() - self.margin - self.last_hop
-            if excess > MAX_EXCESS_SECONDS:
-                lost += int((excess - MAX_EXCESS_SECONDS) * self.sample_rate)
-            lost += self._recoverable()
+            backlog = int(max(0.0, excess - MAX_EXCESS_SECONDS) * self.sample_rate)
+            lost = max(backlog, self._recoverable())  # (two measures of one excess: never both)
         lost = min(lost, self.queued - self.taken)
         if lost > 0:
             self._drop(lost)
