@@ -281,9 +281,10 @@ class HeadphoneSink:
 
     def _recoverable(self) -> int:
         """Model samples of kept latency to give back now (CALM_SECONDS, RECOVER_ABOVE_SECONDS)."""
-        found = list(self.arrival_slack)  # (the runtime thread appends to it)
-        if self.gap_from is not None or len(found) < ARRIVAL_WINDOW or \
-                _time.monotonic() < self.calm_since + CALM_SECONDS:
+        if self.gap_from is not None or _time.monotonic() < self.calm_since + CALM_SECONDS:
+            return 0
+        found = list(self.arrival_slack)  # (a copy: the runtime thread appends to it)
+        if len(found) < ARRIVAL_WINDOW:
             return 0
         excess = float(np.median(found)) - self.margin
         if excess <= RECOVER_ABOVE_SECONDS:

@@ -63,6 +63,23 @@ def jack():
         server.wait(timeout=10)
 
 
+def run_script(script: str, *args) -> dict:
+    """One of the scripts above in a process of its own (its own PortAudio): the JSON it printed last."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_while_the_device_keeps_time(script: str, *args, tries: int, kept_time) -> dict:
+    """run_script until kept_time(result) says the (loaded) JACK dummy device missed no cycle where the
+    test looks: an xrun moves the sink's level legitimately. Skips after `tries` runs."""
+    for _ in range(tries):
+        result = run_script(script, *args)
+        if kept_time(result):
+            return result
+    pytest.skip(f"the JACK dummy device missed cycles in {tries} runs (a loaded machine)")
+
+
 def test_a_missing_output_device_is_an_os_error_that_names_it():
     """PortAudio's own error is not an OSError: `visaudio demo` (the README's main command) crashed on a
     machine with PortAudio but no sound card instead of recording only."""
@@ -77,9 +94,7 @@ def test_a_missing_output_device_is_an_os_error_that_names_it():
 
 
 def test_headphone_sink_plays_in_real_time(jack):
-    done = subprocess.run([sys.executable, "-c", PLAY], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(PLAY)
     assert result["device_rate"] == 48000 and result["devices"] >= 1
     # the device clock consumed it in real time (zero underflows is a benchmark target, `bench latency`:
     # on a loaded 2-core test machine the dummy server itself skips cycles)
@@ -96,9 +111,7 @@ def test_headphone_sink_restarts_after_running_dry_and_keeps_its_latency(jack):
     """A producer stall of 300 ms: the ring runs dry once, playback restarts when audio is back, the
     silence the device played is counted and all of it but MAX_EXCESS_SECONDS is dropped, so the
     latency grows by that much at most (drift correction then takes it back)."""
-    done = subprocess.run([sys.executable, "-c", PLAY, "0.3"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(PLAY, "0.3")
     assert result["underflows"] >= 1 and result["playbacks"] >= 2  # (the run's end runs dry too)
     gap = result["missing_samples"] / 48000
     # the stall less what was buffered, plus the margin prebuffered again (~0.29 s; 0.385 once in CI's
@@ -112,9 +125,7 @@ def test_a_run_of_late_hops_runs_the_ring_dry_once(jack):
     """Five hops in a row 80 ms late against a 60 ms margin: the first runs the ring dry, playback
     prebuffers the margin again and keeps the gap as latency, so the next four arrive in time (when
     the sink restarted at once and dropped the gap, each of the five ran it dry)."""
-    done = subprocess.run([sys.executable, "-c", PLAY, "0", "0.08"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(PLAY, "0", "0.08")
     assert result["missing_samples"] > 0 and result["played"] > 2.5 * 48000
     assert result["underflows"] <= 2, result  # the late run once (and perhaps the run's end)
 
@@ -144,19 +155,12 @@ def test_latency_kept_after_running_dry_is_given_back_crossfaded_once_hops_are_o
     once the hops have come on time for CALM_SECONDS the sink drops it, crossfaded (drift correction
     alone took 8 s, and a hard cut in a tone jumps by up to twice its amplitude; the build before also
     dropped the hops that a stalled producer sends at once to catch up, twice over, leaving the next
-    hop 3 ms buffered of a 40 ms margin). The ring holds a
-    440 Hz tone of amplitude 0.5, whose largest step between 48 kHz samples is 0.029, and the fade's
-    ramp adds up to 0.5 * 2 * (pi / 2) / (3 FADE_SAMPLES) = 0.0065 more: a cut shows."""
+    hop 3 ms buffered of a 40 ms margin). The ring holds a 440 Hz tone of amplitude 0.5, whose
+    largest step between 48 kHz samples is 0.029, and the fade's ramp adds up to
+    0.5 * 2 * (pi / 2) / (3 FADE_SAMPLES) = 0.0065 more: a cut shows."""
     from realtime.audio import CALM_SECONDS, FADE_SAMPLES
 
-    for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", RECOVER], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if result["device_underflows"] == 0:  # (an xrun moves the level too)
-            break
-    else:
-        pytest.skip("the JACK dummy device missed cycles in three runs (a loaded machine)")
+    result = run_while_the_device_keeps_time(RECOVER, tries=3, kept_time=lambda r: r["device_underflows"] == 0)
     arrivals = np.array(result["arrival_ms"][1:], float)
     assert result["underflows"] >= 1 and np.median(arrivals[23:30]) > 40 + 25, arrivals  # the gap, kept
     recovered = 22 + int(np.ceil((CALM_SECONDS + 0.6) / 0.08))  # (the calm, then the window of arrivals)
@@ -192,15 +196,9 @@ def test_the_sink_moves_its_level_until_hops_find_the_margin_buffered(jack, drif
     while it matters: an xrun of the (loaded) JACK dummy server moves the level legitimately, so
     none in the step (hops 45-65) nor in the last 80 hops (the loop settles in ~3 s, then the last 40
     are judged), and the ring never ran dry; up to five tries."""
-    for _ in range(5):
-        done = subprocess.run([sys.executable, "-c", STEP, str(drift)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        xruns = result["xruns"]
-        if result["underflows"] == 0 and xruns[45] == xruns[65] and xruns[120] == result["device_underflows"]:
-            break
-    else:
-        pytest.skip("the JACK dummy device missed cycles in five runs (a loaded machine)")
+    result = run_while_the_device_keeps_time(
+        STEP, drift, tries=5, kept_time=lambda r: r["underflows"] == 0 and r["xruns"][45] == r["xruns"][65]
+        and r["xruns"][120] == r["device_underflows"])
     arrivals = np.array(result["arrival_ms"][1:], float)
     assert np.median(arrivals[59:63]) < np.median(arrivals[50:58]) - 15  # the step took ~25 ms of slack
     assert abs(np.median(arrivals[-40:]) - 40) < 2, arrivals[-40:]
@@ -231,14 +229,8 @@ print(json.dumps({"off_line_ms": np.percentile(np.abs(off_line), [50, 90]).tolis
 def test_the_sink_reads_its_level_on_the_device_clock_between_periods(jack):
     """Between hops the slack falls a second per second, not in steps of a device period (256
     frames, 5.3 ms): read in whole periods, half the readings were >= 1.3 ms off that line."""
-    for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", SMOOTH], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if result["underflows"] == result["device_underflows"] == 0:
-            break
-    else:
-        pytest.skip("the JACK dummy device missed cycles in three runs (a loaded machine)")
+    result = run_while_the_device_keeps_time(
+        SMOOTH, tries=3, kept_time=lambda r: r["underflows"] == r["device_underflows"] == 0)
     assert result["n"] > 1000
     median, p90 = result["off_line_ms"]
     assert median < 0.8 and p90 < 2.0, result
