@@ -31,10 +31,13 @@ DRIFT_GAIN = 1.0
 DRIFT_INTEGRAL_SECONDS = 4.0
 # The device takes the ring in whole periods, so ring.read_available steps by a period (5.3 ms at 256
 # frames) and, read when a hop arrives (80 ms hops are 15 periods), sits on one phase of that step. The
-# sink reads the level on the device's own clock instead: frames taken minus stream time * rate, at its
-# maximum over the feeder's last READ_LINE_POLLS polls (>= 160 ms, 30 periods), is the line the callbacks
-# run on. A window, not a running maximum: a callback early once (as at the start of a playback) then
-# lifted the line a period for seconds, and with it every reading.
+# sink follows the device's reads instead: frames taken minus monotonic time * rate, at its maximum over
+# the feeder's last READ_LINE_POLLS polls (>= 160 ms, 30 periods), is the line the callbacks run on. A
+# window, not a running maximum: a callback early once (as at the start of a playback) then lifted the
+# line a period for seconds, and with it every reading. The clock is time.monotonic (the runtime's and
+# the producers'), not PortAudio's stream time: on JACK that is jack_frame_time, which JACK's
+# delay-locked loop filters, and after the server stalled 100 ms it slid ~100 ms over 1.5 s while the
+# device's reads stepped by 100 ms at once (measured); so the stream time only dates a playback's start.
 READ_LINE_POLLS = 64
 # Where each ring frame reached the DAC: playbacks give the DAC time of their first frame, but a device
 # that skips or catches up cycles (a JACK xrun) moves the rest (by 44 ms after 23 xruns in a minute,
@@ -124,6 +127,9 @@ class _Playback:
 
     first: int  # the ring frame it plays first
     action: object  # rtmixer action; action.actual_time: DAC time of that frame (-1 until it starts)
+    # PortAudio stream time - monotonic time, read as the feeder saw it start (a clock JACK's DLL moves
+    # after xruns, slowly: read then, it dates action.actual_time on the monotonic clock)
+    stream_offset: float | None = None
 
 
 class HeadphoneSink:
@@ -178,12 +184,12 @@ class HeadphoneSink:
         self.overflows = 0  # blocks refused for lack of room
         self.playbacks: list[_Playback] = []
         self.period = blocksize  # device frames per callback
-        self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - stream time * device rate, per poll
+        self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - monotonic time * device rate, per poll
         self.read_line: float | None = None  # their maximum
         self.xruns_seen = 0  # the current playback's device underflows when the line was last reset
         self.polls = 0
         self.read_to_dac: float | None = None  # seconds from the callback taking a frame to its DAC time
-        # (ring frame, stream time the callback took it); when full, the last row holds the newest anchor
+        # (ring frame, monotonic time the callback took it); when full, the last row holds the newest anchor
         self.anchors = np.zeros((int(capture_seconds * 1000 / (2.5 * ANCHOR_POLLS)) + 2, 2))
         self.anchored = 0
         self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
@@ -202,6 +208,7 @@ class HeadphoneSink:
         self.correction = self.drift_integral = 0.0
         self.skipped = 0  # missing device frames already handled (kept as latency or dropped)
         self.dropped = 0  # model samples dropped after underflows, device stalls and backlogs (latency kept)
+        self.drops = 0  # times audio was dropped (each a crossfaded seam)
         # for `visaudio bench latency`: what went into the ring (ring frame k plays at device_time(k)),
         # and (first model sample, ring frame) of every 5 ms block; preallocated, pages touched now
         self.capture = np.ones((int(capture_seconds * self.device_rate), 2), np.float32)
@@ -244,15 +251,15 @@ class HeadphoneSink:
         return sum(p.action.stats.output_underflows for p in self.playbacks)
 
     def device_time(self, frame: np.ndarray) -> np.ndarray:
-        """DAC time (the stream's clock, output.time) at which ring frame(s) `frame` played: from the
-        newest anchor at or before it in its playback (ANCHOR_POLLS), else from the playback's start."""
-        started = [p for p in self.playbacks if p.action.actual_time >= 0]
+        """DAC time (time.monotonic) at which ring frame(s) `frame` played: from the newest anchor at or
+        before it in its playback (ANCHOR_POLLS), else from the playback's start."""
+        started = [p for p in self.playbacks if p.stream_offset is not None]
         if not started:
             return np.full(np.shape(frame), np.nan)
         frame = np.asarray(frame)
         firsts = np.array([p.first for p in started])
         which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
-        origin = np.array([p.action.actual_time for p in started])
+        origin = np.array([p.action.actual_time - p.stream_offset for p in started])
         played = origin[which] + (frame - firsts[which]) / self.device_rate
         anchors = self.anchors[:min(self.anchored, len(self.anchors))]
         if self.read_to_dac is None or not len(anchors):
@@ -307,6 +314,7 @@ class HeadphoneSink:
         with self.level_lock:
             self.taken += n
         self.dropped += n
+        self.drops += 1
 
     def _write(self, block: np.ndarray) -> None:
         n = len(block)
@@ -321,13 +329,21 @@ class HeadphoneSink:
     def _play(self) -> None:
         self.playbacks.append(_Playback(self.consumed, self.output.play_ringbuffer(self.ring)))
 
+    def _date_start(self) -> None:
+        """Read the stream clock's offset as the newest playback is seen started (_Playback.stream_offset)."""
+        last = self.playbacks[-1]
+        if last.stream_offset is None and last.action.actual_time >= 0:
+            try:
+                last.stream_offset = self.output.time - _time.monotonic()
+            except self.portaudio_error:  # a host API without a stream clock
+                last.stream_offset = 0.0
+
     def _track_reads(self) -> None:
         """Follow the line on which the device's callbacks take the ring (READ_LINE_POLLS); start it
         again when the device stopped taking it on time (ran dry, a new playback not yet begun, an xrun)."""
-        last, now = self.playbacks[-1].action, self._stream_time()
-        xruns = last.stats.output_underflows  # (this playback's alone: the sum over all grows with them)
-        if self.gap_from is not None or last.actual_time < 0 or xruns != self.xruns_seen \
-                or now is None:
+        last, now = self.playbacks[-1], _time.monotonic()
+        xruns = last.action.stats.output_underflows  # (this playback's alone: the sum grows with them)
+        if self.gap_from is not None or last.stream_offset is None or xruns != self.xruns_seen:
             self.leads.clear()
             self.read_line, self.xruns_seen = None, xruns
             return
@@ -335,20 +351,15 @@ class HeadphoneSink:
         self.leads.append(consumed - now * self.device_rate)
         self.read_line = max(self.leads)
         self.polls += 1
-        if self.polls % ANCHOR_POLLS or len(self.leads) < SETTLED_POLLS:
+        if len(self.leads) < SETTLED_POLLS:
             return
         taken_at = (consumed - self.read_line) / self.device_rate
-        if self.read_to_dac is None and xruns == 0:
+        if self.read_to_dac is None and xruns == 0:  # at once: on a loaded host the first xrun comes early
             self.read_to_dac = float(self.device_time(consumed)) - taken_at
+        if self.polls % ANCHOR_POLLS:
+            return
         self.anchors[min(self.anchored, len(self.anchors) - 1)] = consumed, taken_at
         self.anchored += 1
-
-    def _stream_time(self) -> float | None:
-        """The device's clock (PortAudio stream time), None where the host API cannot tell it."""
-        try:
-            return self.output.time
-        except self.portaudio_error:  # a stream being closed, a host API without a clock
-            return None
 
     def _watch_playback(self) -> None:
         """Notice the ring running dry under the callback (rtmixer then ends the playback and the device
@@ -359,13 +370,15 @@ class HeadphoneSink:
                 self.underflows += 1
                 self.calm_since = _time.monotonic()
                 self.gap_from = float(self.device_time(self.consumed))
-        elif self.restarted and last.action.actual_time >= 0:
-            self.missing += int(round((last.action.actual_time - self.gap_from) * self.device_rate))
+        elif self.restarted and last.stream_offset is not None:
+            began = last.action.actual_time - last.stream_offset
+            self.missing += int(round((began - self.gap_from) * self.device_rate))
             self.gap_from, self.restarted = None, False
 
     def feed(self) -> None:
         """Top the device ring up to device_ms, 5 ms at a time (the feeder thread calls this)."""
         if self.playing:
+            self._date_start()
             self._watch_playback()
             self._track_reads()
         lost = 0
@@ -446,16 +459,15 @@ class HeadphoneSink:
             return None
         with self.level_lock:
             line, ring, written, queued = self.read_line, self.ring.read_available, self.written, self.queued - self.taken
-        now = None if line is None else self._stream_time()
-        if now is not None:  # on the device clock: less what the device played since its last callback
-            ring = min(max(written - line - now * self.device_rate, ring - self.period), ring)
+        if line is not None:  # less what the device played since its last callback
+            ring = min(max(written - line - _time.monotonic() * self.device_rate, ring - self.period), ring)
         return ring / self.device_rate + queued / self.sample_rate
 
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.read_available / self.device_rate * 1e3,
                 "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.underflows,
                 "device_underflows": self.device_underflows, "missing_samples": self.missing,
-                "dropped_samples": self.dropped, "overflows": self.overflows,
+                "dropped_samples": self.dropped, "drops": self.drops, "overflows": self.overflows,
                 "drift_correction": self.correction}
 
     def close(self) -> None:

@@ -77,8 +77,9 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     endpoints = runtime.endpoints()
     views = yaw_step_views(step_deg, duration=min(seconds, 8.0))
     stop = threading.Event()
-    sent_frames: list[tuple[float, float]] = []  # (media time, send time on the device clock)
-    steps: list[tuple[float, float, float]] = []  # (send time on the device clock, yaw before, yaw after)
+    # times on time.monotonic, as HeadphoneSink.device_time gives the DAC times
+    sent_frames: list[tuple[float, float]] = []  # (media time, send time)
+    steps: list[tuple[float, float, float]] = []  # (send time, yaw before, yaw after)
     rss = []
     first_sent: list[float] = []  # monotonic time the first frame went out
 
@@ -93,14 +94,14 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
                 t_ns = int(round(k * 0.01 * 1e9))
                 new_yaw = step_deg if int(k * 0.01 / step_seconds) % 2 else 0.0
                 if stream == 0 and new_yaw != yaw and sink.playing:
-                    steps.append((sink.output.time, yaw, new_yaw))
+                    steps.append((time.monotonic(), yaw, new_yaw))
                 yaw = new_yaw
                 client.send_pose((yaw, 0.0, 0.0), t_ns)
                 if k % 4 == 0:
                     view = views[1 if yaw else 0]
                     frame = view[(k // 4) % len(view)]
                     if stream == 0:
-                        sent_frames.append((k * 0.01, sink.output.time if sink.playing else math.nan))
+                        sent_frames.append((k * 0.01, time.monotonic() if sink.playing else math.nan))
                         if not first_sent:
                             first_sent.append(time.monotonic())
                     client.send_frame(frame, t_ns)
@@ -113,14 +114,14 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         p.start()
     started = time.monotonic()
     next_rss = started + 10
-    # device-clock times at which the ring ran dry / the device flagged an underflow (seen within a poll)
+    # times at which the ring ran dry / the device flagged an underflow (seen within a poll)
     ring_dry_at, device_xrun_at, seen = [], [], [0, 0]
     try:
         while any(p.is_alive() for p in producers):
             runtime.poll_once(20.0)
             counts = [sink.underflows, sink.device_underflows]
             for times, count, before in zip((ring_dry_at, device_xrun_at), counts, seen):
-                times.extend([sink.output.time] * (count - before))
+                times.extend([time.monotonic()] * (count - before))
             seen = counts
             if time.monotonic() >= next_rss:
                 rss.append(_rss_mb())
@@ -188,7 +189,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "deadline_misses": stats["counts"].get("deadline misses", 0),
             "underflows": underflows, "device_underflows": device_underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
                                                         "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
-            # when each happened, seconds on the device clock from the first frame sent
+            # when each happened, seconds from the first frame sent
             "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
             "device_underflow_times_s": [round(float(t) - origin, 3) for t in device_xrun_at],
             # kernel work of the whole process while streaming: page faults stall in the kernel, and on a

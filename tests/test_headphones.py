@@ -102,9 +102,10 @@ def test_headphone_sink_plays_in_real_time(jack):
     assert result["missing_samples"] < 0.05 * result["played"]
     assert abs(result["drift_correction"]) <= 0.005
     if result["underflows"] == result["device_underflows"] == 0:  # the device kept time (no xrun, no stall):
-        # hops on time drop nothing, though the buffer stands half an 80 ms hop above its mean level after
-        # each (measuring the backlog from the mean dropped audio after every hop)
-        assert result["dropped_samples"] == 0, result
+        # hops on time drop at most once: the latency the device's start kept over the margin, given back
+        # after CALM_SECONDS (12 ms seen); not after every hop, though the buffer stands half an 80 ms hop
+        # above its mean level after each (measuring the backlog from the mean did that)
+        assert result["drops"] <= 1, result
 
 
 def test_headphone_sink_restarts_after_running_dry_and_keeps_its_latency(jack):
@@ -125,8 +126,10 @@ def test_a_run_of_late_hops_runs_the_ring_dry_once(jack):
     """Five hops in a row 80 ms late against a 60 ms margin: the first runs the ring dry, playback
     prebuffers the margin again and keeps the gap as latency, so the next four arrive in time (when
     the sink restarted at once and dropped the gap, each of the five ran it dry)."""
-    result = run_script(PLAY, "0", "0.08")
-    assert result["missing_samples"] > 0 and result["played"] > 2.5 * 48000
+    # (each cycle the device misses leaves a period, 5.3 ms, more buffered: in 1 run of 16 here it missed
+    # 15 and the late run never ran the ring dry; runs with 3+ leave the 20 ms dry spell at most 4 ms)
+    result = run_while_the_device_keeps_time(PLAY, "0", "0.08", tries=3, kept_time=lambda r: r["device_underflows"] <= 2)
+    assert result["missing_samples"] > 0 and result["played"] > 2.5 * 48000, result
     assert result["underflows"] <= 2, result  # the late run once (and perhaps the run's end)
 
 
@@ -298,7 +301,7 @@ faulthandler.dump_traceback_later(20, exit=True)  # a hang leaves every thread's
 from realtime.audio import HeadphoneSink
 sink = HeadphoneSink(16000, stream=0, margin_ms=60.0, capture_seconds=5)
 rng = np.random.default_rng(0)
-start, ahead = time.monotonic(), []
+start, ahead, xruns = time.monotonic(), [], []
 for k in range(40):  # 3.2 s of 80 ms hops; at hop 15 the device stops for 100 ms
     time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
     if k == 15:
@@ -307,19 +310,22 @@ for k in range(40):  # 3.2 s of 80 ms hops; at hop 15 the device stops for 100 m
         os.kill(int(sys.argv[1]), signal.SIGCONT)
     sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
     # the frame the device takes next reaches the DAC this long after now: its read-to-DAC delay
-    ahead.append(float(sink.device_time(sink.consumed)) - sink.output.time if sink.playing else None)
+    ahead.append(float(sink.device_time(sink.consumed)) - time.monotonic() if sink.playing else None)
+    xruns.append(sink.device_underflows)
 sink.close()
-print(json.dumps({"ahead_ms": [None if a is None else a * 1e3 for a in ahead], **sink.stats()}))
+print(json.dumps({"ahead_ms": [None if a is None else a * 1e3 for a in ahead], "xruns": xruns, **sink.stats()}))
 """
 
 
 def test_the_dac_times_of_played_frames_follow_the_device_through_a_stall():
-    """The JACK server stopped for 100 ms (an xrun): the device then takes the ring later than its
-    playback's start foretold (JACK's dummy driver catches up, a card skips), and `device_time`,
-    on which `bench latency` measures every latency, follows it (from its playback's start alone it
-    was 26-28 ms off a second later, and after a minute of real xruns 44 ms early). On a server of
-    its own: in one CI run of four the script never finished after the stop (open; the watchdog's
-    stacks say where), and the module's server must not share that."""
+    """The JACK server stopped for 100 ms (an xrun): the device then takes the ring 100 ms later than its
+    playback's start foretold, and `device_time`, on which `bench latency` measures every latency,
+    follows it from 0.2 s after the stall on (from its playback's start alone it was 26-28 ms off a second
+    later). On the monotonic clock: PortAudio's stream time on JACK, which JACK's delay-locked loop
+    filters, slid ~100 ms over the next 1.5 s, so a sink timed on it read a latency falling and rising
+    by up to 16 ms here (one CI run) and to ~0 in a soak. On a server of its own: in one CI run of four
+    the script never finished after the stop (open; the watchdog's stacks say where), and the module's
+    server must not share that."""
     server = start_jack("visaudio-stall")
     try:
         done = subprocess.run([sys.executable, "-c", STALL, str(server.pid)], capture_output=True, text=True,
@@ -334,6 +340,12 @@ def test_the_dac_times_of_played_frames_follow_the_device_through_a_stall():
     ahead = np.array(result["ahead_ms"], float)
     before = np.nanmedian(ahead[5:15])
     assert 0 < before < 50, ahead  # the device's output delay, a few periods
-    # from 1 s after the stall on (JACK's catch-up is over), within one device period (the hops now
-    # sample another phase of the device's 5.3 ms cycle) and 5 ms (7.3 ms seen with both cores loaded)
-    assert np.nanmax(np.abs(ahead[28:] - before)) < 10, ahead
+    # from 0.2 s after the stall on (hop 18), within one device period (the hops now sample another
+    # phase of the device's 5.3 ms cycle) and 5 ms (7.3 ms seen with both cores loaded); not where the
+    # device missed cycles since the hop before (then the frame it takes next plays later than any
+    # reading foretells: 15 ms once)
+    kept_time = np.diff(result["xruns"], prepend=0) == 0
+    after = np.abs(ahead - before)[18:][kept_time[18:]]
+    if len(after) < 10:
+        pytest.skip(f"the JACK dummy device missed cycles on {np.sum(~kept_time[18:])} of 22 hops")
+    assert np.nanmax(after) < 10, (ahead, result["xruns"])
