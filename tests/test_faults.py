@@ -120,7 +120,8 @@ def test_a_producer_with_a_new_clock_restarts_its_stream(live):
 
 
 def _delayed_runner(tiny_models, delay):
-    """The tiny student's torch runner (hop 4, batch 1) that sleeps delay(call, hop_seconds) before each hop."""
+    """The tiny student's torch runner (hop 4, batch 1) that sleeps delay(call, hop_seconds) before each
+    hop; runner.compute_seconds lists what each hop took without the sleep."""
     from engine.hop import StreamGenerator
     from engine.model import load_model
 
@@ -131,9 +132,13 @@ def _delayed_runner(tiny_models, delay):
     def delayed_hop(*args, **kwargs):
         calls[0] += 1
         time.sleep(delay(calls[0], hop_seconds))
-        return original(*args, **kwargs)
+        began = time.monotonic()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            runner.compute_seconds.append(time.monotonic() - began)
 
-    runner.hop = delayed_hop
+    runner.hop, runner.compute_seconds = delayed_hop, []
     return runner
 
 
@@ -158,7 +163,12 @@ def test_a_500_ms_engine_stall_is_survived_and_caught_up(tiny_models):
             audio, _ = _collect(client, hops * 1280)
             stats = client.control("stats")["stats"]
     assert len(audio) == hops * 1280  # nothing lost
-    assert stats["counts"]["deadline misses"] == 1 and stats["streams"]["0"]["late_frames"] == 0
+    # the stall is a miss; so is any hop the loaded host made slower than real time by itself (a CI run
+    # counted 2), and the runtime times a little more than the hop call
+    hop = runner.g.samples / 16000
+    slow = np.array(runner.compute_seconds)
+    assert 1 + np.sum(slow > hop) <= stats["counts"]["deadline misses"] <= 1 + np.sum(slow > 0.7 * hop), slow
+    assert stats["streams"]["0"]["late_frames"] == 0
 
 
 def test_an_engine_slower_than_real_time_still_stops_when_asked(tiny_models):
