@@ -41,9 +41,14 @@ DRIFT_INTEGRAL_SECONDS = 4.0
 READ_LINE_POLLS = 64
 # Where each ring frame reached the DAC: playbacks give the DAC time of their first frame, but a device
 # that skips or catches up cycles (a JACK xrun) moves the rest (by 44 ms after 23 xruns in a minute,
-# measured), so the sink anchors its frames on the read line every ANCHOR_POLLS polls (~50 ms) once the
-# window holds SETTLED_POLLS, plus the device's read-to-DAC delay measured where no xrun intervened.
-ANCHOR_POLLS = 20
+# measured). So the feeder logs every poll (frames taken, its lead, the stretch of polls between xruns)
+# and a frame plays at the read line of the polls around the one that saw it taken (LINE_HALF_WINDOW
+# each side, in the same stretch), plus the device's read-to-DAC delay, measured once SETTLED_POLLS of
+# a stretch without an xrun have settled the line. (Anchors on the line every 50 ms did that while
+# xruns were rare; in a storm of xruns no stretch lasted long enough for one, and a soak's frames were
+# dated from anchors a second old: video-to-sound read -100 ms.) A stretch of few polls dates its
+# frames late, never early: a poll's lead is at most the line.
+LINE_HALF_WINDOW = READ_LINE_POLLS // 2
 SETTLED_POLLS = 8
 # Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
 # (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
@@ -90,6 +95,18 @@ class Resampler:
         self.position += count * step - len(block)
         self.history = x[-2 * self.half:]
         return out
+
+
+def _lines_at(reads: np.ndarray, polls: np.ndarray) -> np.ndarray:
+    """The read line (frames taken - monotonic time * rate, HeadphoneSink.reads) at each of `polls`: the
+    largest lead within LINE_HALF_WINDOW polls of it in its stretch (chunked: 65 leads per poll)."""
+    lines, offsets = np.empty(len(polls)), np.arange(-LINE_HALF_WINDOW, LINE_HALF_WINDOW + 1)
+    for start in range(0, len(polls), 8192):
+        at = polls[start:start + 8192]
+        near = np.clip(at[:, None] + offsets, 0, len(reads) - 1)
+        same = reads[near, 2] == reads[at, 2][:, None]
+        lines[start:start + 8192] = np.where(same, reads[near, 1], -np.inf).max(axis=1)
+    return lines
 
 
 def sinc_read(x: np.ndarray, t: np.ndarray, half: int, beta: float = 8.0, cutoff: float = 1.0) -> np.ndarray:
@@ -187,11 +204,12 @@ class HeadphoneSink:
         self.leads: deque = deque(maxlen=READ_LINE_POLLS)  # frames taken - monotonic time * device rate, per poll
         self.read_line: float | None = None  # their maximum
         self.xruns_seen = 0  # the current playback's device underflows when the line was last reset
-        self.polls = 0
         self.read_to_dac: float | None = None  # seconds from the callback taking a frame to its DAC time
-        # (ring frame, monotonic time the callback took it); when full, the last row holds the newest anchor
-        self.anchors = np.zeros((int(capture_seconds * 1000 / (2.5 * ANCHOR_POLLS)) + 2, 2))
-        self.anchored = 0
+        # per poll: frames taken, their lead, the stretch (a new one after each xrun), the playback;
+        # sized for capture_seconds of polls (<= 400 per second), else the newest half is kept when full
+        self.reads = np.zeros((int(capture_seconds * 500) + 4 * READ_LINE_POLLS, 4))
+        self.read_count = 0
+        self.stretch = 0
         self.gap_from: float | None = None  # DAC time the last playback ran dry, until the next one starts
         self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
         self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
@@ -251,8 +269,9 @@ class HeadphoneSink:
         return sum(p.action.stats.output_underflows for p in self.playbacks)
 
     def device_time(self, frame: np.ndarray) -> np.ndarray:
-        """DAC time (time.monotonic) at which ring frame(s) `frame` played: from the newest anchor at or
-        before it in its playback (ANCHOR_POLLS), else from the playback's start."""
+        """DAC time (time.monotonic) at which ring frame(s) `frame` played: on the read line where the
+        polls saw it taken (LINE_HALF_WINDOW), or on the newest line where none has yet; from its
+        playback's start where no poll of that playback has settled a line."""
         started = [p for p in self.playbacks if p.stream_offset is not None]
         if not started:
             return np.full(np.shape(frame), np.nan)
@@ -261,13 +280,14 @@ class HeadphoneSink:
         which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
         origin = np.array([p.action.actual_time - p.stream_offset for p in started])
         played = origin[which] + (frame - firsts[which]) / self.device_rate
-        anchors = self.anchors[:min(self.anchored, len(self.anchors))]
-        if self.read_to_dac is None or not len(anchors):
+        reads = self.reads[:self.read_count]
+        if self.read_to_dac is None or not len(reads):
             return played
-        i = np.searchsorted(anchors[:, 0], frame, side="right") - 1
-        at, taken_at = anchors[np.maximum(i, 0)].T
-        anchored = taken_at + self.read_to_dac + (frame - at) / self.device_rate
-        return np.where((i >= 0) & (at >= firsts[which]), anchored, played)
+        seen = np.minimum(np.searchsorted(reads[:, 0], frame, side="right"), len(reads) - 1)
+        # a frame its playback played out after its last logged poll (the ring ran dry): on that poll's line
+        seen = np.where((reads[seen, 3] != which) & (reads[np.maximum(seen - 1, 0), 3] == which), seen - 1, seen)
+        lined = (frame - _lines_at(reads, seen.ravel()).reshape(seen.shape)) / self.device_rate + self.read_to_dac
+        return np.where(reads[seen, 3] == which, lined, played)
 
     def _take(self, n: int):
         """The next n queued samples (and their generation yaw); the caller counts them in `taken`."""
@@ -344,22 +364,24 @@ class HeadphoneSink:
         last, now = self.playbacks[-1], _time.monotonic()
         xruns = last.action.stats.output_underflows  # (this playback's alone: the sum grows with them)
         if self.gap_from is not None or last.stream_offset is None or xruns != self.xruns_seen:
+            if self.leads:
+                self.stretch += 1
             self.leads.clear()
             self.read_line, self.xruns_seen = None, xruns
             return
         consumed = self.consumed
-        self.leads.append(consumed - now * self.device_rate)
+        lead = consumed - now * self.device_rate
+        self.leads.append(lead)
         self.read_line = max(self.leads)
-        self.polls += 1
-        if len(self.leads) < SETTLED_POLLS:
-            return
-        taken_at = (consumed - self.read_line) / self.device_rate
-        if self.read_to_dac is None and xruns == 0:  # at once: on a loaded host the first xrun comes early
-            self.read_to_dac = float(self.device_time(consumed)) - taken_at
-        if self.polls % ANCHOR_POLLS:
-            return
-        self.anchors[min(self.anchored, len(self.anchors) - 1)] = consumed, taken_at
-        self.anchored += 1
+        if self.read_count == len(self.reads):  # (not when capturing: sized for it)
+            half = len(self.reads) // 2
+            self.reads[:half] = self.reads[-half:]
+            self.read_count = half
+        self.reads[self.read_count] = consumed, lead, self.stretch, len(self.playbacks) - 1
+        self.read_count += 1
+        if self.read_to_dac is None and xruns == 0 and len(self.leads) >= SETTLED_POLLS:
+            # at once, from the playback's start: on a loaded host the first xrun comes early
+            self.read_to_dac = float(self.device_time(consumed)) - (consumed - self.read_line) / self.device_rate
 
     def _watch_playback(self) -> None:
         """Notice the ring running dry under the callback (rtmixer then ends the playback and the device

@@ -166,16 +166,14 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
 
     log = sink.block_log[:sink.logged]
     fixed = (sink.rotation.base + TAPS // 2) * sink.ratio
-    video, video_sent = [], []
-    for media, sent in sent_frames:
-        model_sample = media * sample_rate + runner.g.vae_hop
-        i = int(np.searchsorted(log[:, 0], model_sample, side="right")) - 1 if len(log) else -1
-        if math.isnan(sent) or i < 0:
-            continue
-        device_sample = int(round(log[i, 1] + (model_sample - log[i, 0]) * sink.ratio + fixed))
-        if device_sample < len(audio):
-            video.append((float(sink.device_time(device_sample)) - sent) * 1e3)
-            video_sent.append(sent)
+    media, sent = np.array(sent_frames, float).reshape(-1, 2).T
+    model_sample = media * sample_rate + runner.g.vae_hop
+    i = np.searchsorted(log[:, 0], model_sample, side="right") - 1
+    ok = ~np.isnan(sent) & (i >= 0)
+    device_sample = np.round(log[i[ok], 1] + (model_sample[ok] - log[i[ok], 0]) * sink.ratio + fixed).astype(int)
+    played = device_sample < len(audio)
+    video_sent = sent[ok][played]
+    video = list((sink.device_time(device_sample[played]) - video_sent) * 1e3)
     origin = next((sent for _, sent in sent_frames if not math.isnan(sent)), 0.0)
     report = {"seconds": seconds, "backend": backend, "threads": threads, "streams": streams,
             "device_ms": device_ms, "blocksize": blocksize,
