@@ -206,3 +206,29 @@ def test_distillation_keeps_the_frame_encoder_and_transfer_head_of_the_teacher(t
     with pytest.raises(ValueError, match="frame_encoderr"):
         distill(DistillConfig(teacher=str(tiny_models["teacher"]), cache=str(tiny_models["cache"]), holdout=1,
                               frozen=("frame_encoderr",)), tmp_path / "s", progress=False)
+
+
+def test_the_transfer_head_refit_fits_its_labels_and_changes_nothing_else(tiny_models, tmp_path, capsys):
+    """`visaudio train transfer`: a fresh head on the frozen frame encoder, fitted on the cache's
+    visible-dominant frames; the standardisation folded back in, so the written head reads raw grids."""
+    from training.frame_heads import train_transfer, transfer_examples
+    from training.scene_cache import load_cache
+    from training.train_flow import transfer_loss
+
+    model, _ = load_model(tiny_models["student"])
+    refit, report = train_transfer(model, str(tiny_models["cache"]), progress=False, epochs=60, lr=3e-3,
+                                   holdout_clips=1)
+    for name, tensor in model.flow.state_dict().items():
+        if not name.startswith("transfer_head."):
+            torch.testing.assert_close(refit.flow.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert not torch.equal(refit.flow.transfer_head[0].weight, model.flow.transfer_head[0].weight)
+    cache = load_cache(str(tiny_models["cache"]))
+    x, y, w = transfer_examples(refit, cache, range(len(cache) - 1), progress=False)
+    with torch.no_grad():  # on the training frames, read raw (the fold), the refit beats the tiny model's own head
+        losses = [float(transfer_loss(m.flow.transfer_head(x)[:, None].expand_as(y), y, w)) for m in (model, refit)]
+    assert losses[1] < 0.8 * losses[0], losses
+    assert report["held_out_loss"] == min(report["held_out_history"]) and 1 <= report["best_epoch"] <= 60
+    assert report["frames"] == len(x) > 0
+    assert main(["train", "transfer", "--checkpoint", str(tiny_models["student"]), "--cache", str(tiny_models["cache"]),
+                 "--out", str(tmp_path / "refit.safetensors"), "--epochs", "2", "--threads", "1"]) == 2
+    assert "need more than the 200 held out" in capsys.readouterr().err

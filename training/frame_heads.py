@@ -1,5 +1,6 @@
 """Per-frame heads fitted on a frozen binaural model: `visaudio train presence` turns on the
-off-screen hold (engine/interaural.py), `visaudio train silence` the silence gate (engine/gate.py).
+off-screen hold (engine/interaural.py), `visaudio train silence` the silence gate (engine/gate.py),
+`visaudio train transfer` refits the interaural transfer head (`train_transfer`).
 
 The presence head is a logistic regression on the frame encoder's spatial grid: the grid already
 says where things are, so a few thousand labelled frames fit it in a minute. The silence head is a
@@ -137,6 +138,13 @@ def _logits(head: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.
     return torch.cat([head(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def _fold_standardisation(linear: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make a Linear layer fitted on (x - mean) / std read x itself."""
+    with torch.no_grad():
+        linear.bias.sub_(linear.weight @ (mean / std))
+        linear.weight.div_(std)
+
+
 def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name: str, frames: int = 24000,
                    holdout_clips: int = 32, epochs: int = 60, lr: float = 3e-3, batch: int = 1024, seed: int = 0,
                    progress: bool = True, always: np.ndarray | None = None) -> dict:
@@ -179,8 +187,7 @@ def fit_frame_head(head: torch.nn.Module, flow, cache, labels: np.ndarray, name:
             optimizer.step()
     with torch.no_grad():
         if on_grid:
-            head.bias.sub_(head.weight @ (mean / std))
-            head.weight.div_(std)
+            _fold_standardisation(head, mean, std)
         fitted, held_logits = _logits(head, x), _logits(head, xh)
         report = {"train": [scores(fitted[:, k], y[:, k]) for k in range(y.shape[1])],
                   "held_out": [scores(held_logits[:, k], yh[:, k]) for k in range(y.shape[1])], "frames": len(y),
@@ -232,12 +239,106 @@ def train_silence(model, cache_dir: str, progress: bool = True, frames: int = 48
     return out, {**report, "labels": label_name}
 
 
+def transfer_examples(model, cache, clips: range, progress: bool = True) -> tuple[torch.Tensor, ...]:
+    """The frames of `clips` in which one visible source dominates (the only frames the transfer head
+    is supervised in; train_flow.seen_transfer_labels): their grid features (N, grid^2 * width), the
+    labels of their latents (N, latents_per_frame, PARAMS) and the labels' weights (N, lpf, 2)."""
+    from tqdm import tqdm
+
+    from engine.interaural import band_matrix
+    from training.train_flow import seen_transfer_labels
+
+    vae, lpf = model.vae, model.flow.cfg.latents_per_frame
+    bands = band_matrix(vae.cfg)
+    features, targets, weights = [], [], []
+    with torch.no_grad():
+        for i in tqdm(clips, desc="transfer labels", disable=not progress):
+            audio = torch.from_numpy(np.array(cache.audio[i]))
+            audio = audio[:, :audio.shape[-1] // vae.cfg.hop * vae.cfg.hop]
+            seen = np.asarray(cache.visible_dominant[i])
+            params, weight = seen_transfer_labels(vae, audio, seen, lpf, bands)
+            count = min(len(seen), len(params) // lpf)
+            params = params[:count * lpf].reshape(count, lpf, -1)
+            weight = weight[:count * lpf].reshape(count, lpf, -1)
+            keep = np.flatnonzero(weight.sum((1, 2)).numpy() > 0)
+            if len(keep):
+                features.append(grid_features(model.flow, np.asarray(cache.frames[i][keep])))
+                targets.append(params[keep])
+                weights.append(weight[keep])
+    if not features:
+        raise ValueError("no frame of these clips has a dominant visible source (visible_dominant): nothing to fit")
+    return torch.cat(features), torch.cat(targets), torch.cat(weights)
+
+
+def train_transfer(model, cache_dir: str, progress: bool = True, frames: int | None = None, epochs: int = 40,
+                   lr: float = 1e-3, batch: int = 1024, holdout_clips: int = 200, seed: int = 0) -> tuple[object, dict]:
+    """A copy of `model` with its interaural transfer head refitted, from a fresh initialisation, on
+    the frozen frame encoder: the head is a function of one frame's grid, so its features are
+    computed once and a cache larger than the flow's training set fits it in minutes (jointly with
+    the flow it was seen only in training windows, and its held-out loss rose after step 3500 of
+    4000). Loss: train_flow.transfer_loss; inputs standardised for the fit (folded in afterwards);
+    the epoch with the lowest loss on the last `holdout_clips` clips is kept. `frames` caps the
+    training frames (a random subset). The report gives that held-out loss for the model's own head
+    and for the refit, on the same frames."""
+    from tqdm import tqdm
+
+    from training.scene_cache import load_cache
+    from training.train_flow import transfer_loss
+
+    started = time.monotonic()
+    out, missing = with_head(model)
+    assert not missing, missing
+    cache = load_cache(cache_dir)
+    if len(cache) <= holdout_clips:
+        raise ValueError(f"{cache_dir}: {len(cache)} clips, need more than the {holdout_clips} held out")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    x, y, w = transfer_examples(out, cache, range(len(cache) - holdout_clips), progress)
+    if frames is not None and frames < len(x):
+        pick = torch.from_numpy(np.sort(rng.choice(len(x), frames, replace=False)))
+        x, y, w = x[pick], y[pick], w[pick]
+    xh, yh, wh = transfer_examples(out, cache, range(len(cache) - holdout_clips, len(cache)), progress)
+    head = out.flow.transfer_head
+
+    def loss_of(inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> float:
+        with torch.no_grad():
+            predicted = torch.cat([head(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+            return float(transfer_loss(predicted[:, None].expand_as(target), target, weight))
+
+    before = loss_of(xh, yh, wh)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, xh = (x - mean) / std, (xh - mean) / std
+    for layer in head.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
+    best, best_state, best_epoch, history = float("inf"), None, 0, []
+    for epoch in tqdm(range(1, epochs + 1), desc="transfer head", disable=not progress):
+        for idx in torch.randperm(len(x)).split(batch):
+            optimizer.zero_grad()
+            transfer_loss(head(x[idx])[:, None].expand_as(y[idx]), y[idx], w[idx]).backward()
+            optimizer.step()
+        held = loss_of(xh, yh, wh)
+        history.append(round(held, 4))
+        if held < best:
+            best, best_epoch = held, epoch
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    _fold_standardisation(head[0], mean, std)
+    report = {"held_out_loss_before": round(before, 4), "held_out_loss": round(best, 4), "best_epoch": best_epoch,
+              "held_out_history": history, "frames": len(x), "held_out_frames": len(xh),
+              "held_out_clips": holdout_clips, "epochs": epochs, "labels": "visible_dominant",
+              "seconds": round(time.monotonic() - started, 1)}
+    return out, report
+
+
 def write_frame_head(kind: str, checkpoint: str, cache_dir: str, out: Path | str, **kwargs) -> dict:
-    """Load a model checkpoint, fit its `kind` head ("presence" or "silence"), write it to `out`
+    """Load a model checkpoint, fit its `kind` head ("presence", "silence" or "transfer"), write it to `out`
     (float32: `visaudio pack` to ship). Returns the fit report."""
     from engine.model import load_model, provenance, save_model
 
     model, info = load_model(checkpoint)
-    trained, report = {"presence": train_presence, "silence": train_silence}[kind](model, cache_dir, **kwargs)
+    fit = {"presence": train_presence, "silence": train_silence, "transfer": train_transfer}[kind]
+    trained, report = fit(model, cache_dir, **kwargs)
     save_model(out, trained, {**provenance(info), kind: report, f"{kind}_from": Path(checkpoint).name})
     return report

@@ -56,6 +56,25 @@ class TrainFlowConfig(JsonConfig):
 # ------------------------------------------------------------------------------------------------ data
 
 
+def seen_transfer_labels(vae, audio: torch.Tensor, seen: np.ndarray, latents_per_frame: int,
+                         bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer head's labels for one clip (engine/interaural.labels on its audio (2, samples), in
+    whole VAE hops): params (L, PARAMS) and weights (L, 2), the weights zero wherever the frame mask
+    `seen` (F,) bool (the cache's visible_dominant) is off: the head learns only where the direction
+    heard can be seen."""
+    params, weight = interaural_labels(vae.spectra(audio), vae.cfg, bands)
+    latent_seen = seen[np.minimum(np.arange(len(params)) // latents_per_frame, len(seen) - 1)]
+    return params, weight * torch.from_numpy(latent_seen).float()[:, None]
+
+
+def transfer_loss(predicted: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted Huber loss of predicted interaural transfers (..., PARAMS) against labels, weights
+    (..., 2): the ITD and the mean over the band ILDs, each normalised by its weights' sum."""
+    huber = torch.nn.functional.huber_loss(predicted.float(), target, reduction="none")
+    itd, ild = huber[..., 0] * weight[..., 0], huber[..., 1:].mean(-1) * weight[..., 1]
+    return itd.sum() / weight[..., 0].sum().clamp(min=1) + ild.sum() / weight[..., 1].sum().clamp(min=1)
+
+
 class LatentWindows:
     """Random training windows: latents of both ears (or the mono mix), frames, latent-rate poses."""
 
@@ -84,13 +103,11 @@ class LatentWindows:
                 audio = audio[:, :audio.shape[-1] // vae.cfg.hop * vae.cfg.hop]
                 factors = None
                 if flow_cfg.interaural:  # centred ears: the measured transfer divided out
-                    params, weight = interaural_labels(vae.spectra(audio), vae.cfg, bands)
+                    params, weight = seen_transfer_labels(vae, audio, np.asarray(cache.visible_dominant[i]),
+                                                          flow_cfg.latents_per_frame, bands)
                     factors = spectral_factors(-params, vae.cfg, bands)
-                    # the head learns only where the direction heard can be seen
-                    seen = np.asarray(cache.visible_dominant[i])
-                    latent_seen = seen[np.minimum(np.arange(len(params)) // flow_cfg.latents_per_frame, len(seen) - 1)]
                     transfers.append(params)
-                    weights.append(weight * torch.from_numpy(latent_seen).float()[:, None])
+                    weights.append(weight)
                 latents.append(vae.encode(audio, factors=factors).transpose(-1, -2).half())  # (E, L, D)
                 times = np.arange(cache.pose.shape[1]) / cache.fps
                 poses.append(latent_pose(times, np.asarray(cache.pose[i]), latents[-1].shape[1], rate))
@@ -155,9 +172,7 @@ def training_losses(net, batch: dict, ear_correlation: float,
     losses = {"flow": err.sum() / horizon[..., 0].sum().clamp(min=1)}
     if "transfer" in batch:
         weight = batch["transfer_weight"] * (roles != ROLE_MISSING)[..., None]  # (B, W, 2)
-        huber = torch.nn.functional.huber_loss(transfer.float(), batch["transfer"], reduction="none")
-        itd, ild = huber[..., 0] * weight[..., 0], huber[..., 1:].mean(-1) * weight[..., 1]
-        losses["transfer"] = itd.sum() / weight[..., 0].sum().clamp(min=1) + ild.sum() / weight[..., 1].sum().clamp(min=1)
+        losses["transfer"] = transfer_loss(transfer, batch["transfer"], weight)
     return losses
 
 

@@ -428,7 +428,10 @@ def cmd_train_frame_head(args) -> int:
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     print(f"{args.head} head, held-out frames ({report['labels']}; {report['seconds']:.0f} s):")
-    for held in report["held_out"]:
+    if args.head == "transfer":
+        print(f"  loss {report['held_out_loss']:.3f} (epoch {report['best_epoch']}; the model's own head: "
+              f"{report['held_out_loss_before']:.3f}) on {report['held_out_frames']} frames")
+    for held in report.get("held_out", []):
         print(f"  accuracy {held['accuracy']:.3f} (always 'no': {1 - held['base_rate']:.3f}), precision "
               f"{held['precision']:.3f}, recall {held['recall']:.3f}")
     print(f"wrote {args.out}")
@@ -717,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train a model: `train vae` (per-ear audio autoencoder), `train flow`, "
-                                     "`train presence` (the off-screen hold)")
+                                     "`train presence` (the off-screen hold), `train silence`, `train transfer`")
     train = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     p = train.add_parser("vae", help="fit the per-ear spectral VAE (closed-form PPCA) and evaluate it",
                          description="Config: JSON/YAML with the fields of training.train_vae.TrainVAEConfig "
@@ -747,7 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
              "silence": ("turn on the silence gate of a binaural model (engine/gate.py)",
                          "Fits, on a frozen model, the silence head (a small CNN on the frames: is a source on "
                          "screen? is a sounding one? labelled from the scene engine for its caches, else from the "
-                         "audio level): the decoder attenuates where the view shows only silent sources.")}
+                         "audio level): the decoder attenuates where the view shows only silent sources."),
+             "transfer": ("refit the interaural transfer head of a binaural model on a frozen frame encoder",
+                          "Refits, on a frozen model, the interaural transfer head (ITD and band ILDs per frame, "
+                          "engine/interaural.py) on every frame of the cache where one visible source dominates; "
+                          "the last 200 clips are held out and pick the epoch.")}
     for head, (summary, description) in heads.items():
         p = train.add_parser(head, help=summary,
                              description=f"{description} (training/frame_heads.py). Writes a model checkpoint "
@@ -756,8 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", default="cache/train")
         p.add_argument("--out", required=True)
         p.add_argument("--frames", type=int, help="training frames sampled from the cache (default: presence "
-                                                  "24000, silence 48000)")
-        p.add_argument("--epochs", type=int, help="default: presence 60, silence 6")
+                                                  "24000, silence 48000, transfer all)")
+        p.add_argument("--epochs", type=int, help="default: presence 60, silence 6, transfer 40")
         p.add_argument("--threads", type=int)
         p.set_defaults(func=cmd_train_frame_head, head=head)
 
