@@ -302,7 +302,7 @@ def train_transfer(model, cache_dir: str, progress: bool = True, frames: int | N
 
     def loss_of(inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> float:
         with torch.no_grad():
-            predicted = torch.cat([head(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+            predicted = _logits(head, inputs, batch)
             return float(transfer_loss(predicted[:, None].expand_as(target), target, weight))
 
     before = loss_of(xh, yh, wh)
