@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,10 @@ def build_cache(out: Path | str, count: int, seed: int = 1_000_000, seconds: flo
     seen = np.zeros((count, nf), bool)
     np.save(out / "pose_known.npy", np.ones(count, bool))
     jobs_args = [(seed + i, seconds, size) for i in range(count)]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(jobs) if jobs > 1 else _Serial() as pool:
-        results = pool.imap(_render, jobs_args, chunksize=4)
+    # concurrent.futures rather than multiprocessing.Pool: a worker that dies (OOM killer, a signal)
+    # raises BrokenProcessPool here instead of leaving Pool.imap waiting forever for its scene.
+    with (ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Serial()) as pool:
+        results = pool.map(_render, jobs_args, chunksize=4)
         for i, (fr, po, au, vd) in enumerate(tqdm(results, total=count, desc="scenes", disable=not progress)):
             frames[i], pose[i], audio[i], seen[i] = fr, po, au, vd
     np.save(out / "visible_dominant.npy", seen)
@@ -150,7 +152,7 @@ def load_cache(path: Path | str) -> SceneCache:
 
 
 class _Serial:
-    """A one-process stand-in with Pool's imap, so a single job needs no subprocess."""
+    """A one-process stand-in with the executor's map, so a single job needs no subprocess."""
 
     def __enter__(self):
         return self
@@ -159,5 +161,5 @@ class _Serial:
         return False
 
     @staticmethod
-    def imap(fn, items, chunksize=1):
+    def map(fn, items, chunksize=1):
         return map(fn, items)
