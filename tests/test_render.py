@@ -257,11 +257,21 @@ def test_sound_kinds_differ_and_are_deterministic():
             assert 0.5 * np.abs(spectra[a] - spectra[b]).sum() > 0.2, (a, b)
 
 
-def test_random_scenes_parse_even_when_a_head_segment_ends_a_millisecond_short():
+def test_random_scenes_parse_even_when_a_keyframe_falls_a_millisecond_short_of_the_end():
+    import pickle
+
     from training.sampler import random_scene
-    from training.scene_spec import parse_scene
+    from training.scene_spec import SceneSpecError, parse_scene
 
     # these seeds drew a last head segment ending < 1 ms before the clip's end: two keyframes rounded to 8.0 s
     for seed in (2287, 4267, 10232, 15304):
         times = [k["t"] for k in parse_scene(random_scene(seed)).to_json()["head"]]
         assert all(b > a for a, b in zip(times, times[1:])) and times[-1] == 8.0
+    # and these a moving source's (seed 1001305 stopped `visaudio cache` at its worker)
+    for seed in (1001305, 1001702, 1001877):
+        for source in parse_scene(random_scene(seed)).to_json()["sources"]:
+            times = [k["t"] for k in source["trajectory"]]
+            assert all(b > a for a, b in zip(times, times[1:])) and times[-1] <= 8.0
+    # the error crosses a process boundary whole (a worker's exception is pickled back to the parent)
+    error = pickle.loads(pickle.dumps(SceneSpecError("sources[1].t", "keyframes out of order")))
+    assert (error.field, str(error)) == ("sources[1].t", "sources[1].t: keyframes out of order")

@@ -46,7 +46,10 @@ def _render(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from training.sampler import random_scene
     from training.scene_spec import parse_scene
 
-    scene = render_scene(parse_scene(random_scene(seed, duration=seconds)))
+    try:
+        scene = render_scene(parse_scene(random_scene(seed, duration=seconds)))
+    except ValueError as exc:
+        raise ValueError(f"scene seed {seed}: {exc}") from exc
     return (box_downsample(scene.frames, size), scene.pose[:, 1:].astype(np.float32), scene.audio,
             visible_dominant(scene.meta["frames"]))
 

@@ -20,7 +20,10 @@ class SceneSpecError(ValueError):
 
     def __init__(self, path: str, problem: str):
         super().__init__(f"{path}: {problem}")
-        self.field = path
+        self.field, self.problem = path, problem
+
+    def __reduce__(self):  # pickled across worker processes (scene_cache.build_cache)
+        return type(self), (self.field, self.problem)
 
 
 @dataclass(frozen=True)
