@@ -80,7 +80,7 @@ def random_scene(seed: int, duration: float = 8.0, num_sources: int | None = Non
         if rng.random() < 0.4:  # a moving source
             t = 0.0
             az, el, dist = az0, el0, dist0
-            while _r(t) < duration:  # compare rounded times: a t 0.4 ms short of the end is the end
+            while _r(t) < duration:  # compare rounded times: a t within 0.5 ms of the end is the end
                 t = min(duration, t + rng.uniform(1.5, 4.0))
                 az += rng.uniform(-50, 50)
                 el = float(np.clip(el + rng.uniform(-10, 10), -20, 35))

@@ -82,8 +82,8 @@ def build_cache(out: Path | str, count: int, seed: int = 1_000_000, seconds: flo
     seen = np.zeros((count, nf), bool)
     np.save(out / "pose_known.npy", np.ones(count, bool))
     jobs_args = [(seed + i, seconds, size) for i in range(count)]
-    # concurrent.futures rather than multiprocessing.Pool: a worker that dies (OOM killer, a signal)
-    # raises BrokenProcessPool here instead of leaving Pool.imap waiting forever for its scene.
+    # concurrent.futures rather than multiprocessing.Pool: a worker that dies, or whose exception
+    # cannot be unpickled here, raises BrokenProcessPool instead of leaving Pool.imap waiting forever.
     with (ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Serial()) as pool:
         results = pool.map(_render, jobs_args, chunksize=4)
         for i, (fr, po, au, vd) in enumerate(tqdm(results, total=count, desc="scenes", disable=not progress)):
