@@ -135,6 +135,47 @@ def test_onset_sync_against_meta():
     assert metrics.onset_sync(np.stack([late, late]), SR, meta)["within_40ms"] == 0.0
 
 
+def test_onset_frames_pick_the_one_frame_that_opens_on_each_visible_event():
+    meta = {"fps": 25.0, "scene": {"sources": [{"events": [{"t": 0.5, "duration": 0.2}, {"t": 1.513, "duration": 0.2},
+                                                           {"t": 2.5, "duration": 0.2}]}]},
+            "frames": [{"t": f / 25, "sources": [{"azimuth": 0, "elevation": 0, "active": True,
+                                                   "visible": f < 60}]} for f in range(75)]}
+    cues = metrics.binaural_cues(noise(3.0)[None].repeat(2, axis=0), SR)
+    mask = metrics.onset_frames(cues.times, meta)
+    starts = cues.times[mask] - metrics.FRAME_SECONDS / 2
+    # one frame per on-screen event (the third is off screen), starting within a hop before its onset
+    assert len(starts) == 2
+    for start, onset in zip(starts, (0.5, 1.513)):
+        assert onset - metrics.HOP_SECONDS < start <= onset + 1e-9
+
+
+@pytest.mark.slow
+def test_in_a_room_the_onset_frames_cues_are_the_scenes_not_the_tails_noise():
+    """The precedence effect in the scene engine: a room's first wavefront carries the direct path's cues,
+    so a second draw of the late tail's noise moves the cues of the onset frames far less than those of
+    the frames after them. (A tail that started before the direct sound, or drowned it, would fail.)"""
+    from training.render import render_audio
+    from training.sampler import random_scene
+    from training.scene_spec import parse_scene
+
+    onset_pairs, all_pairs = [], []
+    for seed in (1, 5, 6):  # a noise burst, speech and a bell, each in a room, with their own events
+        scene = random_scene(seed, duration=4.0, num_sources=1, room=True)
+        spec = parse_scene(scene)
+        ref, other = render_audio(spec), render_audio(spec, tail_draw=1)
+        a, b = metrics.binaural_cues(ref, spec.sample_rate), metrics.binaural_cues(other, spec.sample_rate)
+        meta = {"fps": spec.fps, "scene": scene,
+                "frames": [{"t": f / spec.fps, "sources": [{"azimuth": 0, "elevation": 0, "active": True, "visible": True}]}
+                           for f in range(int(4.0 * spec.fps))]}
+        onset_pairs.append(metrics.errors_from_cues(a, b, metrics.onset_frames(a.times, meta)))
+        all_pairs.append(metrics.errors_from_cues(a, b))
+    at_onsets = {k: np.mean([e[k] for e in onset_pairs]) for k in ("itd_error_us", "ild_error_db", "frames")}
+    everywhere = {k: np.mean([e[k] for e in all_pairs]) for k in ("itd_error_us", "ild_error_db")}
+    assert at_onsets["frames"] >= 2
+    assert at_onsets["itd_error_us"] < 0.5 * everywhere["itd_error_us"]
+    assert at_onsets["ild_error_db"] < 0.5 * everywhere["ild_error_db"]
+
+
 def test_metrics_cli(clip_dir, tmp_path, capsys):
     import json
 

@@ -18,8 +18,12 @@ Reported per system:
   itd_error_us_direct, ild_error_db_direct: of those, the frames where the reference's ears are
       coherent (>= DIRECTION_MIN_COHERENCE: the direct sound dominates, so the reference has an ITD;
       in rooms the late reverb leaves GCC-PHAT a random lag in both signals);
-  by_acoustics: the in-view and direct ITD/ILD errors again, over the anechoic scenes and the room
-      scenes apart (with the scene counts);
+  itd_error_us_onset, ild_error_db_onset: of the in-view frames, the one that opens on each visible
+      event (training.metrics.onset_frames: the first wavefront, before a room's late tail builds up;
+      the frames a listener localises a source by in a room, and the ones whose cues the tail's noise
+      does not decide);
+  by_acoustics: the in-view, direct and onset ITD/ILD errors again, over the anechoic scenes and the
+      room scenes apart (with the scene counts);
   lateral_error_deg: median over frames where the dominant source is visible and within +-60 degrees
       of straight ahead (coherence-gated as in training.metrics.direction_error);
   onset_within_40ms: fraction of visible events with an audio onset within 40 ms (pooled);
@@ -135,12 +139,11 @@ def two_stage(mono_outputs: list[np.ndarray], scenes: list[EvalScene]) -> list[n
 def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     """The metrics of one system over the scene set (see the module docstring)."""
     from training.metrics import (DIRECTION_MIN_COHERENCE, binaural_cues, direction_error, envelope_distance,
-                                  errors_from_cues, meta_tracks, onset_sync, stft_distance)
+                                  errors_from_cues, meta_tracks, onset_frames, onset_sync, stft_distance)
 
     ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
     refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
-    subsets = {"in_view": 0.0, "direct": DIRECTION_MIN_COHERENCE}
-    found = {name: [] for name in subsets}  # (the scene's acoustics, its errors on the subset's frames)
+    found = {name: [] for name in ("in_view", "direct", "onset")}  # (acoustics, errors on the subset's frames)
     for audio, scene in zip(outputs, scenes):
         audio = np.asarray(audio, np.float64)
         if scene.kind == "single":
@@ -155,9 +158,11 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             sel = series["scored"] & in_view
             lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
             acoustics = "room" if scene.meta["scene"].get("room") else "anechoic"
-            for name, coherence in subsets.items():
+            at_onset = in_view & onset_frames(ref_cues.times, scene.meta)
+            subsets = {"in_view": (in_view, 0.0), "direct": (in_view, DIRECTION_MIN_COHERENCE), "onset": (at_onset, 0.0)}
+            for name, (frames, coherence) in subsets.items():
                 try:
-                    found[name].append((acoustics, errors_from_cues(ref_cues, cues, in_view, coherence)))
+                    found[name].append((acoustics, errors_from_cues(ref_cues, cues, frames, coherence)))
                 except ValueError:  # no such frame in this scene
                     pass
             sync = onset_sync(audio, scene.sample_rate, scene.meta)
@@ -338,6 +343,7 @@ def format_report(report: dict) -> str:
             ("itd_error_us", "ITD err us", "{:.0f}"), ("ild_error_db", "ILD err dB", "{:.2f}"),
             ("itd_error_us_in_view", "ITD in view", "{:.0f}"), ("ild_error_db_in_view", "ILD in view", "{:.2f}"),
             ("itd_error_us_direct", "ITD direct", "{:.0f}"), ("ild_error_db_direct", "ILD direct", "{:.2f}"),
+            ("itd_error_us_onset", "ITD onset", "{:.0f}"), ("ild_error_db_onset", "ILD onset", "{:.2f}"),
             ("onset_within_40ms", "onset<=40ms", "{:.2f}"), ("head_turn_correlation", "turn r", "{:.2f}"),
             ("stft_distance", "STFT", "{:.4f}"), ("envelope_distance", "ENV", "{:.4f}")]
     lines = [f"{'system':<32}" + "".join(f"{h:>13}" for _, h, _ in cols)]

@@ -278,6 +278,20 @@ def visible_events(meta: dict) -> np.ndarray:
     return np.sort(np.asarray(out, dtype=np.float64))
 
 
+def onset_frames(times: np.ndarray, meta: dict, frame_seconds: float = FRAME_SECONDS,
+                 hop_seconds: float = HOP_SECONDS) -> np.ndarray:
+    """(T,) mask of the cue frames (centred at `times`) that open on a visible event: for each event,
+    the one frame whose window starts within a hop before its onset, so the window holds the first
+    wavefront and at most its first 64 ms. There a listener localises a source even in a room (the
+    precedence effect; Litovsky et al. 1999), and the room's late tail has not yet built up, so its
+    noise does not decide the cues as it does in the frames that follow."""
+    starts = np.asarray(times) - frame_seconds / 2
+    mask = np.zeros(len(starts), dtype=bool)
+    for onset in visible_events(meta):
+        mask |= (starts > onset - hop_seconds) & (starts <= onset + 1e-9)
+    return mask
+
+
 def onset_sync(audio: np.ndarray, sample_rate: int, meta: dict, tolerance: float = 0.04,
                search: float = 0.25) -> dict:
     """For each visible event, the nearest detected audio onset within +-250 ms: the DeSync analogue."""
