@@ -22,6 +22,8 @@ Reported per system:
       event (training.metrics.onset_frames: the first wavefront, before a room's late tail builds up;
       the frames a listener localises a source by in a room, and the ones whose cues the tail's noise
       does not decide);
+  frames_in_view, scenes_in_view (and _direct, _onset): how many frames each subset scored, in how
+      many scenes (a scene without such a frame is left out of that subset's mean);
   by_acoustics: the in-view, direct and onset ITD/ILD errors again, over the anechoic scenes and the
       room scenes apart (with the scene counts);
   lateral_error_deg: median over frames where the dominant source is visible and within +-60 degrees
@@ -183,6 +185,8 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             for key in ("itd_error_us", "ild_error_db"):
                 values = [r[key] for acoustics, r in rows if keep(acoustics) and np.isfinite(r[key])]
                 out[f"{key}_{name}"] = float(np.mean(values)) if values else None
+            kept = [r["frames"] for acoustics, r in rows if keep(acoustics)]
+            out[f"frames_{name}"], out[f"scenes_{name}"] = sum(kept), len(kept)
         return out
 
     result.update(subset_means(lambda acoustics: True))
