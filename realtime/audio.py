@@ -44,12 +44,21 @@ READ_LINE_POLLS = 64
 # measured). So the feeder logs every poll (frames taken, its lead, the stretch of polls between xruns)
 # and a frame plays at the read line of the polls around the one that saw it taken (LINE_HALF_WINDOW
 # each side, in the same stretch), plus the device's read-to-DAC delay, measured once SETTLED_POLLS of
-# a stretch without an xrun have settled the line. (Anchors on the line every 50 ms did that while
+# a stretch have settled the line before any xrun or stall (STALL_PERIODS) of a playback. (Anchors on the line every 50 ms did that while
 # xruns were rare; in a storm of xruns no stretch lasted long enough for one, and a soak's frames were
 # dated from anchors a second old: video-to-sound read -100 ms.) A stretch of few polls dates its
 # frames late, never early: a poll's lead is at most the line.
 LINE_HALF_WINDOW = READ_LINE_POLLS // 2
 SETTLED_POLLS = 8
+# A device that stopped taking the ring (its server or the whole VM descheduled) takes it late after:
+# its polls' leads fall below the line by the stall. PortAudio's xrun flag, which starts a new stretch,
+# came 10 ms to 240 ms after the device resumed on JACK (measured: server and client stopped 180 ms
+# together, as a host's steal does), and meanwhile frames taken after the stall were dated on the line
+# before it, ~170 ms early. So a poll that sees the device take frames with a lead more than
+# STALL_PERIODS periods below the line starts a new stretch itself: between callbacks a lead falls at
+# most a period below the line (99% of polls within 1.3 periods on the loaded test machine).
+STALL_PERIODS = 2
+POLL_SECONDS = 5e-4  # a poll that took longer to read the clock and the ring is not logged
 # Latency the sink lets grow past its settled level before it drops audio: after the ring ran dry
 # (a late hop), a gap up to this long is kept as latency, so the hops after it have their slack
 # back, and drift correction takes it back at <= MAX_DRIFT_CORRECTION (NetEq: expand, then
@@ -205,6 +214,9 @@ class HeadphoneSink:
         self.read_line: float | None = None  # their maximum
         self.xruns_seen = 0  # the current playback's device underflows when the line was last reset
         self.read_to_dac: float | None = None  # seconds from the callback taking a frame to its DAC time
+        self.stalls = 0  # times the device took the ring STALL_PERIODS late with no xrun flagged
+        self.stalls_at_start = 0  # self.stalls at the newest playback's first logged poll
+        self.dated_cleanly = False  # read_to_dac came from a playback with no xrun or stall before it
         # per poll: frames taken, their lead, the stretch (a new one after each xrun), the playback;
         # sized for capture_seconds of polls (<= 400 per second), else the newest half is kept when full
         self.reads = np.zeros((int(capture_seconds * 500) + 4 * READ_LINE_POLLS, 4))
@@ -361,27 +373,46 @@ class HeadphoneSink:
     def _track_reads(self) -> None:
         """Follow the line on which the device's callbacks take the ring (READ_LINE_POLLS); start it
         again when the device stopped taking it on time (ran dry, a new playback not yet begun, an xrun)."""
-        last, now = self.playbacks[-1], _time.monotonic()
+        last = self.playbacks[-1]
         xruns = last.action.stats.output_underflows  # (this playback's alone: the sum grows with them)
         if self.gap_from is not None or last.stream_offset is None or xruns != self.xruns_seen:
-            if self.leads:
-                self.stretch += 1
-            self.leads.clear()
-            self.read_line, self.xruns_seen = None, xruns
+            self._new_stretch()
+            self.xruns_seen = xruns
             return
-        consumed = self.consumed
-        lead = consumed - now * self.device_rate
+        before, consumed, after = _time.monotonic(), self.consumed, _time.monotonic()
+        if after - before > POLL_SECONDS:  # descheduled while reading: a lead off by up to that
+            return
+        lead = consumed - (before + after) / 2 * self.device_rate
+        took = self.read_count == 0 or consumed != self.reads[self.read_count - 1, 0]
+        if took and self.read_line is not None and lead < self.read_line - STALL_PERIODS * self.period:
+            self.stalls += 1  # (counted as it resumes: while stopped, the leads fall and the line stays)
+            self._new_stretch()
+        playback = len(self.playbacks) - 1
+        if self.read_count == 0 or self.reads[self.read_count - 1, 3] != playback:
+            self.stalls_at_start = self.stalls
         self.leads.append(lead)
         self.read_line = max(self.leads)
         if self.read_count == len(self.reads):  # (not when capturing: sized for it)
             half = len(self.reads) // 2
             self.reads[:half] = self.reads[-half:]
             self.read_count = half
-        self.reads[self.read_count] = consumed, lead, self.stretch, len(self.playbacks) - 1
+        self.reads[self.read_count] = consumed, lead, self.stretch, playback
         self.read_count += 1
-        if self.read_to_dac is None and xruns == 0 and len(self.leads) >= SETTLED_POLLS:
-            # at once, from the playback's start: on a loaded host the first xrun comes early
+        clean = xruns == 0 and self.stalls == self.stalls_at_start
+        if len(self.leads) >= SETTLED_POLLS and (self.read_to_dac is None or clean and not self.dated_cleanly):
+            # from the playback's start, at once: after an xrun or a stall the device takes its frames
+            # later than the start foretold, for good, and on a loaded host the first xrun comes early.
+            # Where one came first, measured anyway (dated from the start alone, every later stall
+            # would add to every frame's error) and again in the next playback that begins cleanly.
             self.read_to_dac = float(self.device_time(consumed)) - (consumed - self.read_line) / self.device_rate
+            self.dated_cleanly = clean
+
+    def _new_stretch(self) -> None:
+        """Forget the read line: the device stopped taking the ring on time (_track_reads)."""
+        if self.leads:
+            self.stretch += 1
+        self.leads.clear()
+        self.read_line = None
 
     def _watch_playback(self) -> None:
         """Notice the ring running dry under the callback (rtmixer then ends the playback and the device
@@ -488,7 +519,7 @@ class HeadphoneSink:
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.read_available / self.device_rate * 1e3,
                 "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.underflows,
-                "device_underflows": self.device_underflows, "missing_samples": self.missing,
+                "device_underflows": self.device_underflows, "device_stalls": self.stalls, "missing_samples": self.missing,
                 "dropped_samples": self.dropped, "drops": self.drops, "overflows": self.overflows,
                 "drift_correction": self.correction}
 

@@ -14,7 +14,8 @@ callback plays the ring frame by frame, so frame k plays at start + k / rate). F
 
 Underruns are counted twice over: `underflows`, times the ring ran dry (we were late), and
 `device_underflows`, callbacks PortAudio flagged output_underflow (the device played a gap because the
-callback itself ran late, e.g. a JACK xrun). `--minutes N` soaks: RSS growth, underruns, hops,
+callback itself ran late, e.g. a JACK xrun); `device_stalls`, times the device took the ring more
+than two periods late with no xrun flagged yet (its server or the VM descheduled). `--minutes N` soaks: RSS growth, underruns, hops,
 deadline misses (hops whose compute ran past the next hop's due time) and concealments over N minutes.
 """
 from __future__ import annotations
@@ -185,8 +186,8 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "video_to_sound_ms": percentiles(video) if video else None,
             "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),
             "deadline_misses": stats["counts"].get("deadline misses", 0),
-            "underflows": underflows, "device_underflows": device_underflows, "rss_mb": {"start": rss[0], "end": rss[-1],
-                                                        "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
+            "underflows": underflows, "device_underflows": device_underflows, "device_stalls": sink.stalls,
+            "rss_mb": {"start": rss[0], "end": rss[-1], "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
             # when each happened, seconds from the first frame sent
             "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
             "device_underflow_times_s": [round(float(t) - origin, 3) for t in device_xrun_at],

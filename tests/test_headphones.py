@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from realtime.audio import MAX_EXCESS_SECONDS, Resampler, _kaiser, sinc_read
+from realtime.audio import MAX_EXCESS_SECONDS, STALL_PERIODS, Resampler, _kaiser, sinc_read
 
 # one JACK server per machine: every test that starts or uses it runs on the same xdist worker
 pytestmark = pytest.mark.xdist_group("jack")
@@ -301,7 +301,7 @@ faulthandler.dump_traceback_later(20, exit=True)  # a hang leaves every thread's
 from realtime.audio import HeadphoneSink
 sink = HeadphoneSink(16000, stream=0, margin_ms=60.0, capture_seconds=5)
 rng = np.random.default_rng(0)
-start, ahead, xruns = time.monotonic(), [], []
+start, ahead, xruns, stretches = time.monotonic(), [], [], []
 for k in range(40):  # 3.2 s of 80 ms hops; at hop 15 the device stops for 100 ms
     time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
     if k == 15:
@@ -312,20 +312,16 @@ for k in range(40):  # 3.2 s of 80 ms hops; at hop 15 the device stops for 100 m
     # the frame the device takes next reaches the DAC this long after now: its read-to-DAC delay
     ahead.append(float(sink.device_time(sink.consumed)) - time.monotonic() if sink.playing else None)
     xruns.append(sink.device_underflows)
+    stretches.append(sink.stretch)
 sink.close()
-print(json.dumps({"ahead_ms": [None if a is None else a * 1e3 for a in ahead], "xruns": xruns, **sink.stats()}))
+print(json.dumps({"ahead_ms": [None if a is None else round(a * 1e3, 1) for a in ahead], "xruns": xruns,
+                  "stretches": stretches, "read_to_dac": sink.read_to_dac, "clean": sink.dated_cleanly, "playbacks": len(sink.playbacks),
+                  **sink.stats()}))
 """
 
 
-def test_the_dac_times_of_played_frames_follow_the_device_through_a_stall():
-    """The JACK server stopped for 100 ms (an xrun): the device then takes the ring 100 ms later than its
-    playback's start foretold, and `device_time`, on which `bench latency` measures every latency,
-    follows it from 0.2 s after the stall on (from its playback's start alone it was 26-28 ms off a second
-    later). On the monotonic clock: PortAudio's stream time on JACK, which JACK's delay-locked loop
-    filters, slid ~100 ms over the next 1.5 s, so a sink timed on it read a latency falling and rising
-    by up to 16 ms here (one CI run) and to ~0 in a soak. On a server of its own: in one CI run of four
-    the script never finished after the stop (open; the watchdog's stacks say where), and the module's
-    server must not share that."""
+def run_stall() -> dict:
+    """The STALL script on a JACK server of its own (which it stops): its result, or a skip if it hung."""
     server = start_jack("visaudio-stall")
     try:
         done = subprocess.run([sys.executable, "-c", STALL, str(server.pid)], capture_output=True, text=True,
@@ -336,16 +332,34 @@ def test_the_dac_times_of_played_frames_follow_the_device_through_a_stall():
     if done.returncode != 0 and "Timeout (0:00:20)" in done.stderr:
         pytest.skip("after the JACK server's stop the script hung; stacks: " + done.stderr[-1500:].replace("\n", " | "))
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_dac_times_of_played_frames_follow_the_device_through_a_stall():
+    """The JACK server stopped for 100 ms (an xrun): the device then takes the ring 100 ms later than its
+    playback's start foretold, and `device_time`, on which `bench latency` measures every latency,
+    follows it from the second hop after the stall on, 60 ms after the device resumed (from its
+    playback's start alone it was 26-28 ms off a second later; on the line before the stall, until
+    PortAudio flagged the xrun 10-240 ms after, ~170 ms early). On the monotonic clock: PortAudio's
+    stream time on JACK, which JACK's delay-locked loop filters, slid ~100 ms over the next 1.5 s, so
+    a sink timed on it read a latency falling and rising by up to 16 ms here (one CI run) and to ~0 in
+    a soak. On a server of its own: in one CI run of four the script never finished after the stop
+    (open; the watchdog's stacks say where), and the module's server must not share that. Up to three
+    runs: the loaded test machine's dummy device also stalls or skips cycles on its own (in one CI run
+    it stalled ~170 ms at hop 6, and the build before dated every frame after that 175 ms early)."""
+    for _ in range(3):
+        result = run_stall()
+        stretches = np.array(result["stretches"])
+        kept_time = np.diff(stretches, prepend=stretches[0]) == 0  # no xrun or stall since the hop before
+        if result["clean"] and kept_time[5:15].sum() >= 5 and kept_time[17:].sum() >= 10:
+            break
+    else:
+        pytest.skip(f"the JACK dummy device stalled or missed cycles from its start or on most hops in 3 runs: {result}")
     ahead = np.array(result["ahead_ms"], float)
-    before = np.nanmedian(ahead[5:15])
-    assert 0 < before < 50, ahead  # the device's output delay, a few periods
-    # from 0.2 s after the stall on (hop 18), within one device period (the hops now sample another
-    # phase of the device's 5.3 ms cycle) and 5 ms (7.3 ms seen with both cores loaded); not where the
-    # device missed cycles since the hop before (then the frame it takes next plays later than any
-    # reading foretells: 15 ms once)
-    kept_time = np.diff(result["xruns"], prepend=0) == 0
-    after = np.abs(ahead - before)[18:][kept_time[18:]]
-    if len(after) < 10:
-        pytest.skip(f"the JACK dummy device missed cycles on {np.sum(~kept_time[18:])} of 22 hops")
-    assert np.nanmax(after) < 10, (ahead, result["xruns"])
+    before = np.nanmedian(ahead[5:15][kept_time[5:15]])
+    assert 0 < before < 50, result  # the device's output delay, a few periods
+    # from hop 17 on, within STALL_PERIODS device periods (the hops now sample another phase of the
+    # device's 5.3 ms cycle; an xrun neither flagged yet nor seen as a stall moves it that much) and
+    # 5 ms (7.3 ms seen with both cores loaded); not where the device missed cycles since the hop
+    # before (then the frame it takes next plays later than any reading foretells: 15 ms once)
+    assert np.nanmax(np.abs(ahead - before)[17:][kept_time[17:]]) < STALL_PERIODS * 256 / 48 + 5, result

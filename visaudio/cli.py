@@ -334,7 +334,8 @@ def cmd_bench_latency(args) -> int:
         if report["first_audio_ms"] is not None:
             print(f"  first audio at the device {report['first_audio_ms']:.0f} ms after the first frame")
         print(f"  hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} "
-              f"deadline misses, {report['underflows']} underflows + {report['device_underflows']} at the device, "
+              f"deadline misses, {report['underflows']} underflows + {report['device_underflows']} at the device "
+              f"({report['device_stalls']} stalls), "
               f"{report['concealed_frames']} concealed frames, {report['dropped_samples']} samples dropped; RSS "
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
               f"({report['rss_mb']['growth_percent']:+.1f}%); page faults {report['page_faults']['minor']} minor, "
