@@ -51,10 +51,11 @@ READ_LINE_POLLS = 64
 LINE_HALF_WINDOW = READ_LINE_POLLS // 2
 SETTLED_POLLS = 8
 # A device that stopped taking the ring (its server or the whole VM descheduled) takes it late after:
-# its polls' leads fall below the line by the stall. PortAudio's xrun flag, which starts a new stretch,
-# came 10 ms to 240 ms after the device resumed on JACK (measured: server and client stopped 180 ms
-# together, as a host's steal does), and meanwhile frames taken after the stall were dated on the line
-# before it, ~170 ms early. So a poll that sees the device take frames with a lead more than
+# its polls' leads fall below the line by the stall. Only PortAudio's xrun flag started a new stretch,
+# and on JACK it came 5-240 ms after the device resumed; frames taken meanwhile were dated on the line
+# before the stall (measured: the server and our process stopped 180 ms together, as a host's steal
+# does: the hops sent as they resumed read 156-174 ms early in 5 runs of 5; 1 of 5 with this, where
+# the feeder had not polled yet). So a poll that sees the device take frames with a lead more than
 # STALL_PERIODS periods below the line starts a new stretch itself: between callbacks a lead falls at
 # most a period below the line (99% of polls within 1.3 periods on the loaded test machine).
 STALL_PERIODS = 2
