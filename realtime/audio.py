@@ -285,14 +285,10 @@ class HeadphoneSink:
         """DAC time (time.monotonic) at which ring frame(s) `frame` played: on the read line where the
         polls saw it taken (LINE_HALF_WINDOW), or on the newest line where none has yet; from its
         playback's start where no poll of that playback has settled a line."""
-        started = [p for p in self.playbacks if p.stream_offset is not None]
-        if not started:
-            return np.full(np.shape(frame), np.nan)
         frame = np.asarray(frame)
-        firsts = np.array([p.first for p in started])
-        which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
-        origin = np.array([p.action.actual_time - p.stream_offset for p in started])
-        played = origin[which] + (frame - firsts[which]) / self.device_rate
+        played, which = self._dated_from_start(frame)
+        if played is None:
+            return np.full(np.shape(frame), np.nan)
         reads = self.reads[:self.read_count]
         if self.read_to_dac is None or not len(reads):
             return played
@@ -301,6 +297,17 @@ class HeadphoneSink:
         seen = np.where((reads[seen, 3] != which) & (reads[np.maximum(seen - 1, 0), 3] == which), seen - 1, seen)
         lined = (frame - _lines_at(reads, seen.ravel()).reshape(seen.shape)) / self.device_rate + self.read_to_dac
         return np.where(reads[seen, 3] == which, lined, played)
+
+    def _dated_from_start(self, frame: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """DAC time of ring frame(s) from the start of the playback that played them (its first frame's
+        DAC time + frames since / rate), and that playback; (None, None) before any playback started."""
+        started = [p for p in self.playbacks if p.stream_offset is not None]
+        if not started:
+            return None, None
+        firsts = np.array([p.first for p in started])
+        which = np.clip(np.searchsorted(firsts, frame, side="right") - 1, 0, len(started) - 1)
+        origin = np.array([p.action.actual_time - p.stream_offset for p in started])
+        return origin[which] + (frame - firsts[which]) / self.device_rate, which
 
     def _take(self, n: int):
         """The next n queued samples (and their generation yaw); the caller counts them in `taken`."""
@@ -405,7 +412,7 @@ class HeadphoneSink:
             # later than the start foretold, for good, and on a loaded host the first xrun comes early.
             # Where one came first, measured anyway (dated from the start alone, every later stall
             # would add to every frame's error) and again in the next playback that begins cleanly.
-            self.read_to_dac = float(self.device_time(consumed)) - (consumed - self.read_line) / self.device_rate
+            self.read_to_dac = float(self._dated_from_start(consumed)[0]) - (consumed - self.read_line) / self.device_rate
             self.dated_cleanly = clean
 
     def _new_stretch(self) -> None:
