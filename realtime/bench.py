@@ -15,7 +15,9 @@ callback plays the ring frame by frame, so frame k plays at start + k / rate). F
 Underruns are counted twice over: `underflows`, times the ring ran dry (we were late), and
 `device_underflows`, callbacks PortAudio flagged output_underflow (the device played a gap because the
 callback itself ran late, e.g. a JACK xrun); `device_stalls`, times the device took the ring more
-than two periods late with no xrun flagged yet (its server or the VM descheduled). `--minutes N` soaks: RSS growth, underruns, hops,
+than two periods late with no xrun flagged yet (its server or the VM descheduled). `read_to_dac_ms` is
+the device's read-to-DAC delay that every DAC time rests on; `read_to_dac_clean` false says a playback
+that xrunned before it settled measured it. `--minutes N` soaks: RSS growth, underruns, hops,
 deadline misses (hops whose compute ran past the next hop's due time) and concealments over N minutes.
 """
 from __future__ import annotations
@@ -187,6 +189,10 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),
             "deadline_misses": stats["counts"].get("deadline misses", 0),
             "underflows": underflows, "device_underflows": device_underflows, "device_stalls": sink.stalls,
+            # the device's read-to-DAC delay every DAC time rests on, and whether it came from a playback
+            # that began with no xrun or stall (else from a start one had moved: HeadphoneSink._track_reads)
+            "read_to_dac_ms": None if sink.read_to_dac is None else sink.read_to_dac * 1e3,
+            "read_to_dac_clean": sink.dated_cleanly,
             "rss_mb": {"start": rss[0], "end": rss[-1], "growth_percent": (rss[-1] - rss[0]) / rss[0] * 100},
             # when each happened, seconds from the first frame sent
             "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
