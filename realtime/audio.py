@@ -44,10 +44,11 @@ READ_LINE_POLLS = 64
 # measured). So the feeder logs every poll (frames taken, its lead, the stretch of polls between xruns)
 # and a frame plays at the read line of the polls around the one that saw it taken (LINE_HALF_WINDOW
 # each side, in the same stretch), plus the device's read-to-DAC delay, measured once SETTLED_POLLS of
-# a stretch have settled the line before any xrun or stall (STALL_PERIODS) of a playback. (Anchors on the line every 50 ms did that while
-# xruns were rare; in a storm of xruns no stretch lasted long enough for one, and a soak's frames were
-# dated from anchors a second old: video-to-sound read -100 ms.) A stretch of few polls dates its
-# frames late, never early: a poll's lead is at most the line.
+# a stretch have settled the line before any xrun or stall (STALL_PERIODS) of a playback. (Anchors on
+# the line every 50 ms did that while xruns were rare; in a storm of xruns no stretch lasted long
+# enough for one, and a soak's frames were dated from anchors a second old: video-to-sound read
+# -100 ms.) A stretch of few polls dates its frames late, never early: a poll's lead is at most the
+# line.
 LINE_HALF_WINDOW = READ_LINE_POLLS // 2
 SETTLED_POLLS = 8
 # A device that stopped taking the ring (its server or the whole VM descheduled) takes it late after:
@@ -412,7 +413,8 @@ class HeadphoneSink:
             # later than the start foretold, for good, and on a loaded host the first xrun comes early.
             # Where one came first, measured anyway (dated from the start alone, every later stall
             # would add to every frame's error) and again in the next playback that begins cleanly.
-            self.read_to_dac = float(self._dated_from_start(consumed)[0]) - (consumed - self.read_line) / self.device_rate
+            taken_at = (consumed - self.read_line) / self.device_rate
+            self.read_to_dac = float(self._dated_from_start(consumed)[0]) - taken_at
             self.dated_cleanly = clean
 
     def _new_stretch(self) -> None:

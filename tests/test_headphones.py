@@ -24,18 +24,23 @@ rng = np.random.default_rng(0)
 pause = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # the producer stalls this long after 1.6 s,
 start = time.monotonic()  # then catches up (as the runtime does: the hops that fell due come at once)
 late = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0  # or hops 20-24 each come this late (a slow engine)
+move = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0  # at hop 10 the read-to-DAC delay is moved this much,
+measured = None  # as if measured from a start that an xrun had already moved
 for k in range(40):  # 3.2 s of 80 ms hops, produced in real time
     if k == 20:
         time.sleep(pause)
     time.sleep(max(0.0, start + k * 0.08 + (late if 20 <= k < 25 else 0.0) - time.monotonic()))
+    if k == 10 and move:
+        measured = sink.read_to_dac
+        sink.read_to_dac, sink.dated_cleanly = measured + move, False
     sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
 time.sleep(0.02)
 played = sink.consumed
 stats = sink.stats()
 sink.close()
 sd._terminate()
-print(json.dumps({"devices": len(devices), "played": played, "written": sink.written,
-                  "playbacks": len(sink.playbacks), **stats}))
+print(json.dumps({"devices": len(devices), "played": played, "written": sink.written, "playbacks": len(sink.playbacks),
+                  "measured": measured, "read_to_dac": sink.read_to_dac, "clean": sink.dated_cleanly, **stats}))
 """
 
 
@@ -298,35 +303,16 @@ def test_bench_latency_measures_at_the_device(jack, tiny_models, tmp_path):
     assert report["plot"] == str(tmp_path / "latency.png") and (tmp_path / "latency.png").stat().st_size > 10_000
 
 
-REDATE = r"""
-import json, time, numpy as np
-from realtime.audio import HeadphoneSink
-sink = HeadphoneSink(16000, stream=0, margin_ms=60.0)
-rng = np.random.default_rng(0)
-start = time.monotonic()
-for k in range(40):  # 3.2 s of 80 ms hops; the producer stalls 300 ms at hop 20: the ring runs dry
-    if k == 20:
-        time.sleep(0.3)
-    time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
-    if k == 10:  # as if measured from a start that an xrun had already moved
-        measured = sink.read_to_dac
-        sink.read_to_dac, sink.dated_cleanly = measured + 0.05, False
-    sink(0, 0, (0.1 * rng.standard_normal((1280, 2))).astype(np.float32))
-time.sleep(0.05)
-sink.close()
-print(json.dumps({"measured": measured, "final": sink.read_to_dac, "clean": sink.dated_cleanly,
-                  "playbacks": len(sink.playbacks), **sink.stats()}))
-"""
-
-
 def test_a_delay_measured_from_a_moved_start_is_measured_again_at_the_next_clean_playback(jack):
     """The read-to-DAC delay of a playback that xrunned before it settled is off by the xrun (-8.5 ms
     in one CI storm: impossible); the next playback that begins with no xrun or stall measures it
     again. (Measured through device_time, which by then dated frames with the delay itself, the
     second measurement returned the first.)"""
-    result = run_while_the_device_keeps_time(REDATE, tries=3, kept_time=lambda r: r["playbacks"] >= 2 and r["clean"])
+    # the producer stalls 300 ms at hop 20: the ring runs dry and a new playback begins
+    result = run_while_the_device_keeps_time(PLAY, "0.3", "0", "0.05", tries=3,
+                                             kept_time=lambda r: r["playbacks"] >= 2 and r["clean"])
     assert result["underflows"] >= 1, result
-    assert abs(result["final"] - result["measured"]) < 0.003, result
+    assert abs(result["read_to_dac"] - result["measured"]) < 0.003, result
 
 
 STALL = r"""
@@ -405,7 +391,8 @@ def check_dating_follows_a_stall(whole_machine: bool) -> None:
         if result["clean"] and kept_time[5:10].sum() >= 3 and judged.sum() >= 10:
             break
     else:
-        pytest.skip(f"the JACK dummy device stalled or missed cycles from its start or on most hops in 3 runs: {result}")
+        pytest.skip("the JACK dummy device stalled or missed cycles from its start or on most hops in 3 runs: "
+                    + json.dumps(result))
     ahead = np.array(result["ahead_ms"], float)
     before = np.nanmedian(ahead[5:10][kept_time[5:10]])
     assert 0 < before < 50, json.dumps(result)  # the device's output delay, a few periods
