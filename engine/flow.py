@@ -28,7 +28,7 @@ from torch import nn
 
 from engine.config import JsonConfig
 from engine.gate import SilenceHead
-from engine.interaural import PARAMS as TRANSFER_PARAMS, TABLE_AZIMUTHS
+from engine.interaural import OCTAVE_ILD_BANDS_HZ, TABLE_AZIMUTHS, transfer_params
 
 ROLE_HORIZON, ROLE_CONTEXT, ROLE_MISSING = 0, 1, 2  # per latent position of a window
 
@@ -58,6 +58,10 @@ class FlowConfig(JsonConfig):
     # transfer divided out and a head predicts it per latent frame. Binaural training configs turn it
     # on; False (ears generated as they are) also keeps one-ear baselines valid.
     interaural: bool = False
+    # Its ILD band centres (engine/interaural.py). The default is the first heads' 8 bands, so that a
+    # checkpoint written before this field loads as it was trained; a head refitted with
+    # `visaudio train transfer --ild-bands third-octave` has interaural.THIRD_OCTAVE_ILD_BANDS_HZ.
+    ild_bands_hz: tuple[float, ...] = OCTAVE_ILD_BANDS_HZ
     # Hold the last seen source's world direction while no source is seen (interaural.hold_offscreen):
     # a presence head on the frame grid and a direction table of the measured head. Needs interaural.
     offscreen_hold: bool = False
@@ -67,12 +71,17 @@ class FlowConfig(JsonConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "vision_channels", tuple(self.vision_channels))
+        object.__setattr__(self, "ild_bands_hz", tuple(float(f) for f in self.ild_bands_hz))
         if self.window % self.latents_per_frame or self.width % self.heads:
             raise ValueError("window must hold whole video frames and width must split into heads")
         if self.interaural and self.ears != 2:
             raise ValueError("the interaural transfer head needs ears = 2")
         if self.offscreen_hold and not self.interaural:
             raise ValueError("offscreen_hold needs the interaural transfer head (interaural = true)")
+
+    @property
+    def transfer_params(self) -> int:
+        return transfer_params(self.ild_bands_hz)
 
     @property
     def frames(self) -> int:
@@ -91,7 +100,7 @@ class Conditions:
     audio_cond: torch.Tensor  # (B, E, W, width) per-token adaLN condition (without t)
     video_cond: torch.Tensor  # (B, Fw, width)
     latent_keep: torch.Tensor  # (B, 1, W, 1) 0 where the window has no latent (missing context)
-    transfer: torch.Tensor  # (B, W, interaural.PARAMS) predicted interaural transfer; (B, W, 0) without the head
+    transfer: torch.Tensor  # (B, W, cfg.transfer_params) predicted interaural transfer; (B, W, 0) without the head
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -277,10 +286,10 @@ class FlowNet(nn.Module):
         # the grid position by position learns where a source is far faster than the ear-query pooling:
         # held-out head loss 2.6 vs 3.1 (a constant guess: 3.2) after 400 steps of the head alone
         self.transfer_head = (nn.Sequential(nn.Linear(cfg.grid * cfg.grid * w, w), nn.SiLU(),
-                                            nn.Linear(w, TRANSFER_PARAMS)) if cfg.interaural else None)
+                                            nn.Linear(w, cfg.transfer_params)) if cfg.interaural else None)
         if cfg.offscreen_hold:  # per frame: is a sounding source on screen? (logit)
             self.presence_head = nn.Linear(cfg.grid * cfg.grid * w, 1)
-            self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, TRANSFER_PARAMS))
+            self.register_buffer("direction_table", torch.zeros(TABLE_AZIMUTHS, cfg.transfer_params))
         if cfg.silence_gate:  # per frame, logits: a source is on screen; a sounding one is (engine/gate.py)
             self.silence_head = SilenceHead()
         self.video_in = nn.Linear(w, w)
@@ -371,6 +380,6 @@ class FlowNet(nn.Module):
         return torch.stack(outs, dim=1)
 
     def forward(self, x, t, frames, video_present, pose, pose_present, roles):
-        """Training entry: (velocity (B, E, W, D), predicted interaural transfer (B, W, PARAMS or 0))."""
+        """Training entry: (velocity (B, E, W, D), predicted interaural transfer (B, W, cfg.transfer_params or 0))."""
         cond = self.prepare(self.encode_frames(frames), video_present, pose, pose_present, roles)
         return self.velocity(x, t, cond), cond.transfer

@@ -23,7 +23,8 @@ from torch import nn
 
 from engine import gate
 from engine.flow import ROLE_CONTEXT, ROLE_HORIZON, ROLE_MISSING, Conditions, FlowNet
-from engine.interaural import PARAMS as TRANSFER_PARAMS, band_matrix, hold_offscreen, mix_ears, spectral_factors
+from engine.interaural import (OCTAVE_ILD_BANDS_HZ, band_matrix, hold_offscreen, mix_ears, spectral_factors,
+                               transfer_params)
 from engine.model import BinauralModel
 from engine.sampling import WindowFlow, couple_ears, sample_euler
 
@@ -52,6 +53,8 @@ class HopGeometry:
     gate: bool = False  # the silence gate's gain goes to the decoder (engine/gate.py)
     sample_rate: int = 16000
     guidance_rescale: float = 0.0  # SamplerConfig.guidance_rescale
+    # the transfer's ILD band centres (FlowConfig.ild_bands_hz; the default: engines exported before it)
+    ild_bands_hz: tuple[float, ...] = OCTAVE_ILD_BANDS_HZ
 
     @classmethod
     def of(cls, model: BinauralModel, hop: int = 4, batch: int = 1, context: int | None = None,
@@ -70,7 +73,7 @@ class HopGeometry:
                    model.sampler.guidance if guidance is None else float(guidance),
                    tuple(float(t) for t in (model.sampler.times if times is None else times)), cfg.offscreen_hold,
                    model.sampler.interaural_side if cfg.interaural else 1.0, cfg.silence_gate,
-                   model.vae.cfg.sample_rate, model.sampler.guidance_rescale)
+                   model.vae.cfg.sample_rate, model.sampler.guidance_rescale, cfg.ild_bands_hz)
 
     @property
     def frames(self) -> int:
@@ -108,7 +111,8 @@ class HopGeometry:
             state_rings += [("gate_frame", (b, self.frame_size, self.frame_size, 3), "uint8"),
                             ("gate_frame_present", (b,), "float32")]
         conditions = self.conditions() + (self.conditions("null_") if self.guidance != 1.0 else [])
-        per_latent = [("transfer", (b, w, TRANSFER_PARAMS), "float32")] if self.transfer else []  # to the decoder
+        params = transfer_params(self.ild_bands_hz)
+        per_latent = [("transfer", (b, w, params), "float32")] if self.transfer else []  # to the decoder
         per_latent += [("gate_db", (b, h), "float32")] if self.gate else []  # per new latent
         latents = ("latents", (b, e, w, self.latent_dim), "float32")
         new = ("new_latents", (b, e, h, self.latent_dim), "float32")
@@ -226,7 +230,7 @@ class DecodeStep(nn.Module):
     def __init__(self, model: BinauralModel, geometry: HopGeometry):
         super().__init__()
         self.vae, self.g = model.vae, geometry
-        self.register_buffer("bands", band_matrix(model.vae.cfg), persistent=False)
+        self.register_buffer("bands", band_matrix(model.vae.cfg, geometry.ild_bands_hz), persistent=False)
         self.register_buffer("ease", gate.ease(geometry.vae_hop, geometry.sample_rate), persistent=False)
 
     def factors(self, transfer: torch.Tensor | None) -> torch.Tensor | None:

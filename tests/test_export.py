@@ -253,15 +253,23 @@ def test_render_through_an_engine_equals_the_checkpoint(tiny_models, clip_dir, t
 
 
 def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(tiny_models, tmp_path):
+    """The shipped default's make-up: the off-screen hold, the silence gate, a transfer head refitted
+    with third-octave ILD bands (its direction table measured again for them)."""
     from engine.gate import frame_pairs
     from engine.hop import HopGeometry, StreamGenerator
+    from engine.interaural import THIRD_OCTAVE_ILD_BANDS_HZ
     from engine.model import load_model, save_model
-    from training.frame_heads import train_presence, train_silence
+    from training.frame_heads import direction_table, train_presence, train_silence, train_transfer
 
     model, _ = load_model(tiny_models["student"])
     fit = dict(frames=64, holdout_clips=1, epochs=2, progress=False)
     held, report = train_presence(model, str(tiny_models["cache"]), **fit)
     held, gate_report = train_silence(held, str(tiny_models["cache"]), **fit)
+    held, transfer_report = train_transfer(held, str(tiny_models["cache"]), ild_bands_hz=THIRD_OCTAVE_ILD_BANDS_HZ,
+                                           **fit)
+    bands = len(THIRD_OCTAVE_ILD_BANDS_HZ)
+    assert held.flow.transfer_head[-1].out_features == 1 + bands and transfer_report["held_out_loss_before"] is None
+    torch.testing.assert_close(held.flow.direction_table, direction_table(model.vae, THIRD_OCTAVE_ILD_BANDS_HZ))
     assert held.flow.cfg.offscreen_hold and held.flow.cfg.silence_gate
     assert gate_report["labels"] == "on_screen_states" and len(gate_report["held_out"]) == 2
     assert set(report["held_out"][0]) == {"accuracy", "base_rate", "precision", "recall"}
@@ -280,6 +288,7 @@ def test_offscreen_hold_and_silence_gate_export_and_stream_like_the_generator(ti
     path = save_model(tmp_path / "held.safetensors", held)
     export_engine(tmp_path / "engine", path, hop=4, batch=2)
     ort, eager = open_engine(tmp_path / "engine", "onnxruntime", threads=1), open_engine(tmp_path / "engine", "torch", threads=1)
+    assert ort.g.ild_bands_hz == THIRD_OCTAVE_ILD_BANDS_HZ  # through the manifest
     offline = StreamGenerator(held, 4, 2)
     states = [r.init_state() for r in (ort, eager, offline)]
     seen, gains = [], []

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from engine import gate
-from engine.interaural import PARAMS as TRANSFER_PARAMS
 
 
 def test_labels_mark_the_frames_far_below_the_loudest_as_silent():
@@ -62,7 +61,7 @@ def test_decoder_gates_both_ears_on_the_waveform_and_keeps_the_interaural_transf
     gated = HopGeometry(**{**plain.__dict__, "gate": True})
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 2, 4, plain.latent_dim, generator=g)
-    transfer = torch.randn(1, plain.window, TRANSFER_PARAMS, generator=g)
+    transfer = torch.randn(1, plain.window, model.flow.cfg.transfer_params, generator=g)
     tail = torch.randn(1, 2, plain.vae_hop, generator=g)
     ref, ref_tail = DecodeStep(model, plain)(latents, transfer, tail)
     unity, unity_tail, unity_gate = DecodeStep(model, gated)(latents, transfer, torch.zeros(1, 4), tail, torch.zeros(1, 2))

@@ -1,4 +1,5 @@
 """The interaural transfer: labels measured on known signals, its sign, and the centring round trip."""
+import pytest
 import torch
 
 from engine import interaural
@@ -13,9 +14,14 @@ def _pair(delay_samples: int, right_gain: float, seconds: float = 2.0):
     return torch.stack([x[100:100 + n], right_gain * x[100 - delay_samples:100 - delay_samples + n]])
 
 
-def test_labels_measure_itd_sign_and_ild_of_a_delayed_attenuated_ear():
+BAND_SETS = pytest.mark.parametrize("centres", [interaural.OCTAVE_ILD_BANDS_HZ, interaural.THIRD_OCTAVE_ILD_BANDS_HZ],
+                                    ids=["octave", "third-octave"])
+
+
+@BAND_SETS
+def test_labels_measure_itd_sign_and_ild_of_a_delayed_attenuated_ear(centres):
     vae = SpectralVAE(VAEConfig())
-    bands = interaural.band_matrix(vae.cfg)
+    bands = interaural.band_matrix(vae.cfg, centres)
     torch.testing.assert_close(bands.sum(0), torch.ones(vae.cfg.bins))  # a partition of unity
     params, weight = interaural.labels(vae.spectra(_pair(5, 0.5)), vae.cfg, bands)
     middle = slice(10, -10)
@@ -32,17 +38,19 @@ def test_silence_gets_a_neutral_label_and_no_weight():
     vae = SpectralVAE(VAEConfig())
     audio = _pair(5, 0.5)
     audio[:, 16000:] = 0.0
-    params, weight = interaural.labels(vae.spectra(audio), vae.cfg, interaural.band_matrix(vae.cfg))
+    bands = interaural.band_matrix(vae.cfg, interaural.OCTAVE_ILD_BANDS_HZ)
+    params, weight = interaural.labels(vae.spectra(audio), vae.cfg, bands)
     assert (params[60:] == 0).all() and (weight[60:] == 0).all()
 
 
-def test_factors_invert_and_restore_the_transfer():
+@BAND_SETS
+def test_factors_invert_and_restore_the_transfer(centres):
     """Centring (inverse factors) then spatialising (factors) leaves spectra unchanged, and decoding a
     mono signal with the factors gives a binaural pair whose measured transfer is the one applied."""
     cfg = VAEConfig(latent_dim=2 * VAEConfig().bins)  # unfitted and full size: codes spectra losslessly
     vae = SpectralVAE(cfg)
-    bands = interaural.band_matrix(cfg)
-    params = torch.zeros(100, interaural.PARAMS)
+    bands = interaural.band_matrix(cfg, centres)
+    params = torch.zeros(100, interaural.transfer_params(centres))
     params[:, 0], params[:, 1:] = 3.0, 2.0  # 300 us, 6 dB
     forward, inverse = interaural.spectral_factors(params, cfg, bands), interaural.spectral_factors(-params, cfg, bands)
     assert forward.shape == (2, 100, 2 * cfg.bins)
@@ -59,7 +67,7 @@ def test_factors_invert_and_restore_the_transfer():
 def _lateral_table():
     """A synthetic direction table: ITD = lateral angle / 10 units, ILDs = 2 sin(azimuth)."""
     az = torch.linspace(-180.0, 180.0, interaural.TABLE_AZIMUTHS)
-    table = torch.zeros(interaural.TABLE_AZIMUTHS, interaural.PARAMS)
+    table = torch.zeros(interaural.TABLE_AZIMUTHS, interaural.transfer_params(interaural.OCTAVE_ILD_BANDS_HZ))
     table[:, 0] = torch.rad2deg(torch.asin(torch.sin(torch.deg2rad(az)))) / 10
     table[:, 1:] = 2 * torch.sin(torch.deg2rad(az))[:, None]
     return table
@@ -86,14 +94,16 @@ def test_hold_keeps_the_last_seen_source_fixed_in_the_world_as_the_head_turns():
     assert never.item() == 0.0 and torch.equal(passed, head[:, 4:])
 
 
-def test_direction_table_has_the_measured_heads_cues():
+@BAND_SETS
+def test_direction_table_has_the_measured_heads_cues(centres):
     from training.frame_heads import direction_table
 
-    table = direction_table(SpectralVAE(VAEConfig()), seconds=1.0)
+    table = direction_table(SpectralVAE(VAEConfig()), centres, seconds=1.0)
     itd_us = table[:, 0] * interaural.ITD_UNIT * 1e6
     assert abs(itd_us[180]) < 40  # ahead: no ITD
     assert 500 < itd_us[180 + 90] < 900 and -900 < itd_us[180 - 90] < -500  # left leads for a source on the left
     front = itd_us[180 - 80:180 + 81]
     assert (front[1:] >= front[:-1] - 25).all()  # rises with azimuth across the front (10 us label grid)
-    high = table[:, -1] * interaural.ILD_UNIT  # 7 kHz band
+    assert table.shape == (interaural.TABLE_AZIMUTHS, interaural.transfer_params(centres))
+    high = table[:, -1] * interaural.ILD_UNIT  # the top band (7 or 6.3 kHz)
     assert high[180 + 60] > 5 and high[180 - 60] < -5  # the head shadows the far ear

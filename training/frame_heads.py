@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 
-def direction_table(vae, hrtf_name: str = "axd1", seconds: float = 2.0, seed: int = 0) -> torch.Tensor:
-    """(TABLE_AZIMUTHS, PARAMS) transfer in network units for azimuth -180..180, elevation 0."""
+def direction_table(vae, bands_hz: tuple[float, ...], hrtf_name: str = "axd1", seconds: float = 2.0,
+                    seed: int = 0) -> torch.Tensor:
+    """(TABLE_AZIMUTHS, 1 + len(bands_hz)) transfer in network units for azimuth -180..180, elevation 0."""
     from engine.interaural import TABLE_AZIMUTHS, band_matrix, labels
     from training.hrtf import load_hrtf
 
@@ -41,7 +42,7 @@ def direction_table(vae, hrtf_name: str = "axd1", seconds: float = 2.0, seed: in
     omega = 2 * np.pi * np.fft.rfftfreq(2 * n, 1 / rate)
     azimuths = np.linspace(-180.0, 180.0, TABLE_AZIMUTHS)
     filters, onsets = hrtf.lookup(azimuths, np.zeros_like(azimuths))  # (A, 2, L), (A, 2) seconds
-    bands = band_matrix(vae.cfg)
+    bands = band_matrix(vae.cfg, bands_hz)
     rows = []
     for f, onset in zip(filters, onsets):
         spectrum = noise * np.fft.rfft(f, 2 * n) * np.exp(-1j * omega * onset[:, None])  # (2, bins)
@@ -122,15 +123,17 @@ def silence_labels(cache, cache_dir: str) -> tuple[np.ndarray, str]:
 
 
 def with_head(model, **flags):
-    """A copy of `model` whose FlowConfig has `flags` set, with every existing weight carried over;
-    returns (model, names of the new parameters and buffers)."""
+    """A copy of `model` whose FlowConfig has `flags` set, with every existing weight whose shape the
+    flags leave alone carried over; returns (model, names of the new parameters and buffers)."""
     from engine.flow import FlowNet
     from engine.model import BinauralModel
 
     if not model.flow.cfg.interaural:
         raise ValueError("frame heads need a binaural model with the interaural transfer head")
     flow = FlowNet(replace(model.flow.cfg, **flags), pretrained_vision=False)
-    missing = flow.load_state_dict(model.flow.state_dict(), strict=False).missing_keys
+    shapes = {k: v.shape for k, v in flow.state_dict().items()}
+    kept = {k: v for k, v in model.flow.state_dict().items() if shapes.get(k) == v.shape}
+    missing = flow.load_state_dict(kept, strict=False).missing_keys
     return BinauralModel(model.vae, flow.eval(), model.sampler, model.role).eval(), sorted(missing)
 
 
@@ -206,7 +209,7 @@ def train_presence(model, cache_dir: str, progress: bool = True, **fit) -> tuple
 
     out, missing = with_head(model, offscreen_hold=True)
     assert missing == ["direction_table", "presence_head.bias", "presence_head.weight"], missing
-    out.flow.direction_table.copy_(direction_table(model.vae))
+    out.flow.direction_table.copy_(direction_table(model.vae, out.flow.cfg.ild_bands_hz))
     cache = load_cache(cache_dir)
     states = on_screen_states(cache_dir)
     label_name = "visible_dominant" if states is None else "sounding_on_screen"
@@ -242,14 +245,14 @@ def train_silence(model, cache_dir: str, progress: bool = True, frames: int = 48
 def transfer_examples(model, cache, clips: range, progress: bool = True) -> tuple[torch.Tensor, ...]:
     """The frames of `clips` in which one visible source dominates (the only frames the transfer head
     is supervised in; train_flow.seen_transfer_labels): their grid features (N, grid^2 * width), the
-    labels of their latents (N, latents_per_frame, PARAMS) and the labels' weights (N, lpf, 2)."""
+    labels of their latents (N, latents_per_frame, transfer params) and the labels' weights (N, lpf, 2)."""
     from tqdm import tqdm
 
     from engine.interaural import band_matrix
     from training.train_flow import seen_transfer_labels
 
     vae, lpf = model.vae, model.flow.cfg.latents_per_frame
-    bands = band_matrix(vae.cfg)
+    bands = band_matrix(vae.cfg, model.flow.cfg.ild_bands_hz)
     features, targets, weights = [], [], []
     with torch.no_grad():
         for i in tqdm(clips, desc="transfer labels", disable=not progress):
@@ -271,23 +274,30 @@ def transfer_examples(model, cache, clips: range, progress: bool = True) -> tupl
 
 
 def train_transfer(model, cache_dir: str, progress: bool = True, frames: int | None = None, epochs: int = 40,
-                   lr: float = 1e-3, batch: int = 1024, holdout_clips: int = 200, seed: int = 0) -> tuple[object, dict]:
+                   lr: float = 1e-3, batch: int = 1024, holdout_clips: int = 200, seed: int = 0,
+                   ild_bands_hz: tuple[float, ...] | None = None) -> tuple[object, dict]:
     """A copy of `model` with its interaural transfer head refitted, from a fresh initialisation, on
     the frozen frame encoder: the head is a function of one frame's grid, so its features are
     computed once and a cache larger than the flow's training set fits it in minutes (jointly with
     the flow it was seen only in training windows, and its held-out loss rose after step 3500 of
     4000). Loss: train_flow.transfer_loss; inputs standardised for the fit (folded in afterwards);
     the epoch with the lowest loss on the last `holdout_clips` clips is kept. `frames` caps the
-    training frames (a random subset). The report gives that held-out loss for the model's own head
-    and for the refit, on the same frames."""
+    training frames (a random subset). `ild_bands_hz` gives the head other ILD bands (FlowConfig.
+    ild_bands_hz; the off-screen hold's direction table is measured again for them). The report gives
+    that held-out loss for the refit and, on the same frames, for the model's own head (None when
+    the bands changed: its outputs are other quantities)."""
     from tqdm import tqdm
 
     from training.scene_cache import load_cache
     from training.train_flow import transfer_loss
 
     started = time.monotonic()
-    out, missing = with_head(model)
-    assert not missing, missing
+    bands = None if ild_bands_hz is None else tuple(float(f) for f in ild_bands_hz)
+    bands_changed = bands is not None and bands != model.flow.cfg.ild_bands_hz
+    out, missing = with_head(model, **({"ild_bands_hz": bands} if bands_changed else {}))
+    assert set(missing) <= {"transfer_head.2.weight", "transfer_head.2.bias", "direction_table"}, missing
+    if "direction_table" in missing:
+        out.flow.direction_table.copy_(direction_table(model.vae, out.flow.cfg.ild_bands_hz))
     cache = load_cache(cache_dir)
     if len(cache) <= holdout_clips:
         raise ValueError(f"{cache_dir}: {len(cache)} clips, need more than the {holdout_clips} held out")
@@ -305,7 +315,7 @@ def train_transfer(model, cache_dir: str, progress: bool = True, frames: int | N
             predicted = _logits(head, inputs, batch)
             return float(transfer_loss(predicted[:, None].expand_as(target), target, weight))
 
-    before = loss_of(xh, yh, wh)
+    before = None if bands_changed else round(loss_of(xh, yh, wh), 4)
     mean, std = x.mean(0), x.std(0) + 1e-6
     x, xh = (x - mean) / std, (xh - mean) / std
     for layer in head.modules():
@@ -325,7 +335,7 @@ def train_transfer(model, cache_dir: str, progress: bool = True, frames: int | N
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     _fold_standardisation(head[0], mean, std)
-    report = {"held_out_loss_before": round(before, 4), "held_out_loss": round(best, 4), "best_epoch": best_epoch,
+    report = {"held_out_loss_before": before, "held_out_loss": round(best, 4), "best_epoch": best_epoch,
               "held_out_history": history, "frames": len(x), "held_out_frames": len(xh),
               "held_out_clips": holdout_clips, "epochs": epochs, "labels": "visible_dominant",
               "seconds": round(time.monotonic() - started, 1)}

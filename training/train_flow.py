@@ -93,7 +93,7 @@ class LatentWindows:
         self.cfg, self.cache, self.idx = flow_cfg, cache, list(idx)
         vae = copy.deepcopy(vae).cpu()  # the windows live in host memory; batches go to the device
         rate = vae.cfg.latents_per_second
-        bands = band_matrix(vae.cfg)
+        bands = band_matrix(vae.cfg, flow_cfg.ild_bands_hz)
         latents, poses, transfers, weights = [], [], [], []
         with torch.no_grad():
             for i in tqdm(self.idx, desc="encoding", disable=not progress):

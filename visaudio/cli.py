@@ -425,13 +425,19 @@ def cmd_train_frame_head(args) -> int:
     _threads(args)
     try:
         fit = {k: v for k, v in (("frames", args.frames), ("epochs", args.epochs)) if v is not None}
+        if getattr(args, "ild_bands", None):
+            from engine.interaural import ILD_BAND_SETS
+
+            fit["ild_bands_hz"] = ILD_BAND_SETS[args.ild_bands]
         report = write_frame_head(args.head, args.checkpoint, args.cache, args.out, **fit)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
     print(f"{args.head} head, held-out frames ({report['labels']}; {report['seconds']:.0f} s):")
     if args.head == "transfer":
-        print(f"  loss {report['held_out_loss']:.3f} (epoch {report['best_epoch']}; the model's own head: "
-              f"{report['held_out_loss_before']:.3f}) on {report['held_out_frames']} frames")
+        before = report["held_out_loss_before"]
+        own = "other bands" if before is None else f"{before:.3f}"
+        print(f"  loss {report['held_out_loss']:.3f} (epoch {report['best_epoch']}; the model's own head: {own}) "
+              f"on {report['held_out_frames']} frames")
     for held in report.get("held_out", []):
         print(f"  accuracy {held['accuracy']:.3f} (always 'no': {1 - held['base_rate']:.3f}), precision "
               f"{held['precision']:.3f}, recall {held['recall']:.3f}")
@@ -766,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--frames", type=int, help="training frames sampled from the cache (default: presence "
                                                   "24000, silence 48000, transfer all)")
         p.add_argument("--epochs", type=int, help="default: presence 60, silence 6, transfer 40")
+        if head == "transfer":
+            p.add_argument("--ild-bands", choices=("octave", "third-octave"),
+                           help="ILD bands of the refitted head (default: the model's own; engine/interaural.py)")
         p.add_argument("--threads", type=int)
         p.set_defaults(func=cmd_train_frame_head, head=head)
 
