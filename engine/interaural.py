@@ -59,10 +59,16 @@ def transfer_params(centres_hz: tuple[float, ...]) -> int:
 def band_matrix(cfg: VAEConfig, centres_hz: tuple[float, ...]) -> torch.Tensor:
     """(K, bins) triangular bands on log frequency centred at `centres_hz`, flat beyond the end
     centres: a partition of unity, so band values interpolate smoothly over the bins."""
-    log_f = torch.log(bin_frequencies(cfg).clamp(min=1.0))
+    return triangles(bin_frequencies(cfg).clamp(min=1.0), centres_hz)
+
+
+def triangles(freqs_hz: torch.Tensor, centres_hz: tuple[float, ...]) -> torch.Tensor:
+    """(K, N) weights of the K triangular bands (band_matrix) at N frequencies: band values times
+    these are the ILD curve there."""
+    log_f = torch.log(freqs_hz.float())
     centres = torch.log(torch.tensor(centres_hz))
     log_f = log_f.clamp(centres[0], centres[-1])
-    bands = torch.zeros(len(centres), cfg.bins)
+    bands = torch.zeros(len(centres), len(log_f))
     for k in range(len(centres)):
         if k > 0:
             rise = (log_f - centres[k - 1]) / (centres[k] - centres[k - 1])

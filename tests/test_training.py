@@ -220,6 +220,33 @@ def test_distillation_keeps_the_frame_encoder_and_transfer_head_of_the_teacher(t
                               frozen=("frame_encoderr",)), tmp_path / "s", progress=False)
 
 
+def test_an_ild_only_refit_to_third_octaves_keeps_the_itd_and_starts_from_the_heads_own_ild_curve(tiny_models):
+    """`train transfer --ild-bands third-octave --ild-only`: the hidden layer and the ITD output stay the
+    model's (so where it places a source); the 15 band outputs start as the head's own 8-band ILD
+    curve read at their centres, and the fit keeps the best held-out epoch (0: that start)."""
+    from engine.interaural import THIRD_OCTAVE_ILD_BANDS_HZ, triangles
+    from training.frame_heads import train_transfer, transfer_examples
+    from training.scene_cache import load_cache
+
+    model, _ = load_model(tiny_models["student"])
+    cache_dir, third = str(tiny_models["cache"]), THIRD_OCTAVE_ILD_BANDS_HZ
+    fit = dict(progress=False, holdout_clips=1, ild_bands_hz=third, ild_only=True)
+    started, start_report = train_transfer(model, cache_dir, epochs=0, **fit)
+    refit, report = train_transfer(model, cache_dir, epochs=20, lr=3e-3, **fit)
+    assert refit.flow.cfg.ild_bands_hz == third and report["fitted"] == "ild outputs"
+    for name, tensor in model.flow.state_dict().items():
+        if name not in ("transfer_head.2.weight", "transfer_head.2.bias"):
+            torch.testing.assert_close(refit.flow.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    x, _, _ = transfer_examples(model, load_cache(cache_dir), range(2), progress=False)
+    with torch.no_grad():
+        own, first, fitted = (m.flow.transfer_head(x) for m in (model, started, refit))
+    torch.testing.assert_close(fitted[:, 0], own[:, 0], rtol=0, atol=1e-6)  # the same ITD
+    own_curve = own[:, 1:] @ triangles(torch.tensor(third), model.flow.cfg.ild_bands_hz)  # at the new centres
+    torch.testing.assert_close(first[:, 1:], own_curve, rtol=1e-4, atol=1e-4)
+    assert report["held_out_loss_start"] == start_report["held_out_loss"] >= report["held_out_loss"]
+    assert report["held_out_loss"] == min([report["held_out_loss_start"], *report["held_out_history"]])
+
+
 def test_the_transfer_head_refit_fits_its_labels_and_changes_nothing_else(tiny_models, tmp_path, capsys):
     """`visaudio train transfer`: a fresh head on the frozen frame encoder, fitted on the cache's
     visible-dominant frames; the standardisation folded back in, so the written head reads raw grids."""

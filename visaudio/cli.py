@@ -429,6 +429,8 @@ def cmd_train_frame_head(args) -> int:
             from engine.interaural import ILD_BAND_SETS
 
             fit["ild_bands_hz"] = ILD_BAND_SETS[args.ild_bands]
+        if getattr(args, "ild_only", False):
+            fit["ild_only"] = True
         report = write_frame_head(args.head, args.checkpoint, args.cache, args.out, **fit)
     except (ValueError, CheckpointError, OSError) as exc:
         return _fail(str(exc))
@@ -775,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
         if head == "transfer":
             p.add_argument("--ild-bands", choices=("octave", "third-octave"),
                            help="ILD bands of the refitted head (default: the model's own; engine/interaural.py)")
+            p.add_argument("--ild-only", action="store_true",
+                           help="keep the head's ITD output and hidden layer; fit only its band ILD outputs")
         p.add_argument("--threads", type=int)
         p.set_defaults(func=cmd_train_frame_head, head=head)
 
