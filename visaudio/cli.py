@@ -438,6 +438,8 @@ def cmd_train_frame_head(args) -> int:
     if args.head == "transfer":
         before = report["held_out_loss_before"]
         own = "other bands" if before is None else f"{before:.3f}"
+        if "held_out_loss_start" in report:
+            own += f"; the refit at its start: {report['held_out_loss_start']:.3f}"
         print(f"  loss {report['held_out_loss']:.3f} (epoch {report['best_epoch']}; the model's own head: {own}) "
               f"on {report['held_out_frames']} frames")
     for held in report.get("held_out", []):
