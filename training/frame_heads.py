@@ -334,11 +334,33 @@ def _transfer_loss_of(head, x: torch.Tensor, target: torch.Tensor, weight: torch
         return float(transfer_loss(predicted[:, None].expand_as(target), target, weight))
 
 
+def _keep_best_epoch(module, optimizer, batch_loss, held_loss, count: int, epochs: int, batch: int, start: float,
+                     desc: str, progress: bool) -> tuple[float, int, list]:
+    """Epochs of shuffled batches (batch_loss(indices) -> loss), the held-out loss after each; `module`
+    ends with the state of the best epoch, or as it began where none beat `start`. Returns (best loss,
+    its epoch (0: the start), the held-out history)."""
+    from tqdm import tqdm
+
+    best, best_epoch, history = start, 0, []
+    best_state = {k: v.clone() for k, v in module.state_dict().items()}
+    for epoch in tqdm(range(1, epochs + 1), desc=desc, disable=not progress):
+        for idx in torch.randperm(count).split(batch):
+            optimizer.zero_grad()
+            batch_loss(idx).backward()
+            optimizer.step()
+        with torch.no_grad():
+            held = held_loss()
+        history.append(round(held, 4))
+        if held < best:
+            best, best_epoch = held, epoch
+            best_state = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(best_state)
+    return best, best_epoch, history
+
+
 def _fit_whole_head(head, train, held, epochs: int, lr: float, batch: int, progress: bool) -> tuple[float, int, list]:
     """train_transfer's whole refit: `head` from a fresh initialisation on standardised grid features
     (folded back in afterwards); returns (best held-out loss, its epoch, the held-out history)."""
-    from tqdm import tqdm
-
     from training.train_flow import transfer_loss
 
     (x, y, w), (xh, yh, wh) = train, held
@@ -348,18 +370,10 @@ def _fit_whole_head(head, train, held, epochs: int, lr: float, batch: int, progr
         if hasattr(layer, "reset_parameters"):
             layer.reset_parameters()
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
-    best, best_state, best_epoch, history = float("inf"), None, 0, []
-    for epoch in tqdm(range(1, epochs + 1), desc="transfer head", disable=not progress):
-        for idx in torch.randperm(len(x)).split(batch):
-            optimizer.zero_grad()
-            transfer_loss(head(x[idx])[:, None].expand_as(y[idx]), y[idx], w[idx]).backward()
-            optimizer.step()
-        held_loss = _transfer_loss_of(head, xh, yh, wh, batch)
-        history.append(round(held_loss, 4))
-        if held_loss < best:
-            best, best_epoch = held_loss, epoch
-            best_state = {k: v.clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
+    best, best_epoch, history = _keep_best_epoch(
+        head, optimizer, lambda idx: transfer_loss(head(x[idx])[:, None].expand_as(y[idx]), y[idx], w[idx]),
+        lambda: _transfer_loss_of(head, xh, yh, wh, batch), len(x), epochs, batch, float("inf"), "transfer head",
+        progress)
     _fold_standardisation(head[0], mean, std)
     return best, best_epoch, history
 
@@ -369,8 +383,6 @@ def _fit_ild_outputs(head, own, own_hz, new_hz, train, held, epochs: int, lr: fl
     """train_transfer's `ild_only`: `head` (the copy, hidden layer carried over) gets `own`'s ITD output
     and band ILD outputs fitted on its frozen hidden features; returns the held-out loss at the start
     (`own`'s ILD curve carried over), the best one, its epoch (0: the start) and the history."""
-    from tqdm import tqdm
-
     from engine.interaural import triangles
     from training.train_flow import transfer_loss
 
@@ -390,21 +402,10 @@ def _fit_ild_outputs(head, own, own_hz, new_hz, train, held, epochs: int, lr: fl
 
     optimizer = torch.optim.Adam(ild.parameters(), lr=lr)
     with torch.no_grad():
-        start = best = float(loss_of(hh, itd_held, yh, wh))
-        best_epoch, history = 0, []
-    best_state = {k: v.clone() for k, v in ild.state_dict().items()}
-    for epoch in tqdm(range(1, epochs + 1), desc="transfer head ILDs", disable=not progress):
-        for idx in torch.randperm(len(h)).split(batch):
-            optimizer.zero_grad()
-            loss_of(h[idx], itd[idx], y[idx], w[idx]).backward()
-            optimizer.step()
-        with torch.no_grad():
-            held_loss = float(loss_of(hh, itd_held, yh, wh))
-        history.append(round(held_loss, 4))
-        if held_loss < best:
-            best, best_epoch = held_loss, epoch
-            best_state = {k: v.clone() for k, v in ild.state_dict().items()}
-    ild.load_state_dict(best_state)
+        start = float(loss_of(hh, itd_held, yh, wh))
+    best, best_epoch, history = _keep_best_epoch(
+        ild, optimizer, lambda idx: loss_of(h[idx], itd[idx], y[idx], w[idx]),
+        lambda: float(loss_of(hh, itd_held, yh, wh)), len(h), epochs, batch, start, "transfer head ILDs", progress)
     with torch.no_grad():
         last.weight[1:], last.bias[1:] = ild.weight, ild.bias
     return start, best, best_epoch, history
