@@ -8,7 +8,9 @@ the mono model: mono copied to both ears, and two-stage (mono + HRTF at the visu
 direction). All generate through engine.generate, the runtime's hop loop, from the rendered frames and
 head pose; the audio of the scene is only the reference. Two ceilings that generate nothing: the
 reference through the VAE, and the reference with its room's late tail drawn again (`another_tail`:
-the cue errors no renderer can go under, since the tail's noise is not in the scene).
+a renderer that knew everything in the scene but the tail's noise would differ from the reference
+as much), and with `tail_draws` the cue floor (`median_tail_cues`: per frame, the median cues of
+several other tails, the least expected cue error of such a renderer).
 
 Reported per system:
   stft_distance, envelope_distance, itd_error_us, ild_error_db, ic_error: mean over single scenes
@@ -110,15 +112,20 @@ def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 
     return outs
 
 
-def another_tail(scenes: list[EvalScene]) -> list[np.ndarray]:
-    """Each reference with its room's late tail drawn again (render_audio's tail_draw 1): the same room,
-    sources, head and reflections, a diffuse tail of other noise. A renderer that knew everything in the
-    scene would still differ from the reference this much. Anechoic and head-turn scenes: the reference."""
+def with_tail(scene: EvalScene, draw: int) -> np.ndarray:
+    """The scene's reference rendered with another draw of its room's late tail (render_audio's
+    tail_draw; draw 0 is the reference): the same room, sources, head and reflections."""
     from training.render import render_audio
     from training.scene_spec import parse_scene
 
-    return [(render_audio(parse_scene(s.meta["scene"]), tail_draw=1) * s.meta["mix_gain"]).astype(np.float32)
-            if s.kind == "single" and s.meta["scene"].get("room") else s.audio for s in scenes]
+    return (render_audio(parse_scene(scene.meta["scene"]), tail_draw=draw) * scene.meta["mix_gain"]).astype(np.float32)
+
+
+def another_tail(scenes: list[EvalScene]) -> list[np.ndarray]:
+    """Each reference with its room's late tail drawn again (with_tail 1): a diffuse tail of other noise.
+    A renderer that knew everything in the scene would still differ from the reference this much.
+    Anechoic and head-turn scenes: the reference."""
+    return [with_tail(s, 1) if s.kind == "single" and s.meta["scene"].get("room") else s.audio for s in scenes]
 
 
 def mono_copy(mono_outputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -138,46 +145,28 @@ def two_stage(mono_outputs: list[np.ndarray], scenes: list[EvalScene]) -> list[n
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
-    """The metrics of one system over the scene set (see the module docstring)."""
-    from training.metrics import (DIRECTION_MIN_COHERENCE, binaural_cues, direction_error, envelope_distance,
-                                  errors_from_cues, meta_tracks, onset_frames, onset_sync, stft_distance)
+def _cue_subsets(ref_cues, cues, scene: EvalScene) -> tuple[np.ndarray, dict[str, tuple[str, dict]]]:
+    """(the in-view frame mask, {subset: (the scene's acoustics, errors_from_cues on the subset's frames)})
+    of one single-source scene; a subset without frames in this scene is left out."""
+    from training.metrics import DIRECTION_MIN_COHERENCE, errors_from_cues, meta_tracks, onset_frames
 
-    ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
-    refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
-    found = {name: [] for name in ("in_view", "direct", "onset")}  # (acoustics, errors on the subset's frames)
-    for audio, scene in zip(outputs, scenes):
-        audio = np.asarray(audio, np.float64)
-        if scene.kind == "single":
-            ref_cues, cues = binaural_cues(scene.audio, scene.sample_rate), binaural_cues(audio, scene.sample_rate)
-            refs.append({"stft_distance": stft_distance(scene.audio, audio),
-                         "envelope_distance": envelope_distance(scene.audio, audio), **errors_from_cues(ref_cues, cues)})
-            d = direction_error(audio, scene.sample_rate, scene.meta)
-            series = d["series"]
-            _, az, _, _, visible = meta_tracks(scene.meta)
-            f = np.clip(np.rint(series["times"] * scene.fps).astype(int), 0, len(az) - 1)
-            in_view = visible[f, 0] & (np.abs(az[f, 0]) <= MAX_AZIMUTH)
-            sel = series["scored"] & in_view
-            lateral_errors.append(np.abs(series["estimate"] - series["truth"])[sel])
-            acoustics = "room" if scene.meta["scene"].get("room") else "anechoic"
-            at_onset = in_view & onset_frames(ref_cues.times, scene.meta)
-            subsets = {"in_view": (in_view, 0.0), "direct": (in_view, DIRECTION_MIN_COHERENCE), "onset": (at_onset, 0.0)}
-            for name, (frames, coherence) in subsets.items():
-                try:
-                    found[name].append((acoustics, errors_from_cues(ref_cues, cues, frames, coherence)))
-                except ValueError:  # no such frame in this scene
-                    pass
-            sync = onset_sync(audio, scene.sample_rate, scene.meta)
-            events += sync["events"]
-            hits += round((sync["within_40ms"] or 0.0) * sync["events"])
-        else:
-            times, est, use = lateral_track(audio, scene.sample_rate)
-            _, az, el, _, _ = meta_tracks(scene.meta)
-            f = np.clip(np.rint(times * scene.fps).astype(int), 0, len(az) - 1)
-            truth = lateral_angle(az[f, 0], el[f, 0])
-            ok = use.sum() > 2 and np.std(est[use]) > 0
-            correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
-    result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}
+    _, az, _, _, visible = meta_tracks(scene.meta)
+    f = np.clip(np.rint(ref_cues.times * scene.fps).astype(int), 0, len(az) - 1)
+    in_view = visible[f, 0] & (np.abs(az[f, 0]) <= MAX_AZIMUTH)
+    acoustics = "room" if scene.meta["scene"].get("room") else "anechoic"
+    at_onset = in_view & onset_frames(ref_cues.times, scene.meta)
+    subsets = {"in_view": (in_view, 0.0), "direct": (in_view, DIRECTION_MIN_COHERENCE), "onset": (at_onset, 0.0)}
+    found = {}
+    for name, (frames, coherence) in subsets.items():
+        try:
+            found[name] = (acoustics, errors_from_cues(ref_cues, cues, frames, coherence))
+        except ValueError:  # no such frame in this scene
+            pass
+    return in_view, found
+
+
+def _subset_report(found: dict[str, list[tuple[str, dict]]]) -> dict:
+    """The in-view, direct and onset ITD/ILD means over scenes, and again split by acoustics."""
 
     def subset_means(keep) -> dict:
         out = {}
@@ -189,16 +178,79 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
             out[f"frames_{name}"], out[f"scenes_{name}"] = sum(kept), len(kept)
         return out
 
-    result.update(subset_means(lambda acoustics: True))
+    result = subset_means(lambda acoustics: True)
     # the same split by the scene's acoustics: a room's reflections and reverb are not in the video
     result["by_acoustics"] = {a: {"scenes": sum(1 for s, _ in found["in_view"] if s == a), **subset_means(a.__eq__)}
                               for a in ("anechoic", "room")}
+    return result
+
+
+def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
+    """The metrics of one system over the scene set (see the module docstring)."""
+    from training.metrics import (binaural_cues, direction_error, envelope_distance, errors_from_cues, meta_tracks,
+                                  onset_sync, stft_distance)
+
+    ref_keys = ("stft_distance", "envelope_distance", "itd_error_us", "ild_error_db", "ic_error")
+    refs, lateral_errors, hits, events, correlations = [], [], 0, 0, []
+    found = {name: [] for name in ("in_view", "direct", "onset")}  # (acoustics, errors on the subset's frames)
+    for audio, scene in zip(outputs, scenes):
+        audio = np.asarray(audio, np.float64)
+        if scene.kind == "single":
+            ref_cues, cues = binaural_cues(scene.audio, scene.sample_rate), binaural_cues(audio, scene.sample_rate)
+            refs.append({"stft_distance": stft_distance(scene.audio, audio),
+                         "envelope_distance": envelope_distance(scene.audio, audio), **errors_from_cues(ref_cues, cues)})
+            in_view, subsets = _cue_subsets(ref_cues, cues, scene)
+            for name, row in subsets.items():
+                found[name].append(row)
+            series = direction_error(audio, scene.sample_rate, scene.meta)["series"]
+            lateral_errors.append(np.abs(series["estimate"] - series["truth"])[series["scored"] & in_view])
+            sync = onset_sync(audio, scene.sample_rate, scene.meta)
+            events += sync["events"]
+            hits += round((sync["within_40ms"] or 0.0) * sync["events"])
+        else:
+            times, est, use = lateral_track(audio, scene.sample_rate)
+            _, az, el, _, _ = meta_tracks(scene.meta)
+            f = np.clip(np.rint(times * scene.fps).astype(int), 0, len(az) - 1)
+            truth = lateral_angle(az[f, 0], el[f, 0])
+            ok = use.sum() > 2 and np.std(est[use]) > 0
+            correlations.append(float(np.corrcoef(est[use], truth[use])[0, 1]) if ok else 0.0)
+    result = {k: float(np.mean([r[k] for r in refs])) for k in ref_keys} if refs else {}
+    result.update(_subset_report(found))
     pooled = np.concatenate(lateral_errors) if lateral_errors else np.zeros(0)
     result.update(lateral_error_deg=float(np.median(pooled)) if len(pooled) else None,
                   lateral_frames=int(len(pooled)),
                   onset_within_40ms=hits / events if events else None, visible_events=events,
                   head_turn_correlation=float(np.mean(correlations)) if correlations else None)
     return result
+
+
+def median_tail_cues(scenes: list[EvalScene], draws: int, progress: bool = True) -> dict:
+    """The least cue error a renderer that knows everything in a scene but its late tail's noise can
+    expect, estimated: each room scene rendered with `draws` other tails (with_tail 1..draws), and per
+    frame (and band) the median of their ITDs, ILDs and coherences over the first k draws, k = 1, 2,
+    4, ... draws, scored against the reference (draw 0) on the same subsets as a system. Against an unknown draw, the median is the estimate of least expected absolute error, and
+    the metrics average absolute errors; k = 1 is `another_tail`. At finite k the score over-estimates
+    that least error (E|X - median of k| >= E|X - median|), so it falls as k grows toward it.
+    Anechoic scenes score the reference's own cues (0). Returns {system name: its cue report}."""
+    from tqdm import tqdm
+
+    from training.metrics import BinauralCues, binaural_cues
+
+    counts = sorted({min(2 ** i, draws) for i in range(int(np.ceil(np.log2(draws))) + 1)})
+    found = {k: {name: [] for name in ("in_view", "direct", "onset")} for k in counts}
+    singles = [s for s in scenes if s.kind == "single"]
+    for scene in tqdm(singles, desc="tail draws", disable=not progress):
+        ref = binaural_cues(scene.audio, scene.sample_rate)
+        drawn = ([binaural_cues(with_tail(scene, d), scene.sample_rate) for d in range(1, draws + 1)]
+                 if scene.meta["scene"].get("room") else [ref])
+        for k in counts:
+            use = drawn[:k]
+            median = BinauralCues(ref.times, np.median([c.itd for c in use], axis=0),
+                                  np.median([c.ild for c in use], axis=0), ref.band_power,
+                                  np.median([c.coherence for c in use], axis=0), ref.energy_db, ref.active)
+            for name, row in _cue_subsets(ref, median, scene)[1].items():
+                found[k][name].append(row)
+    return {f"truth, median cues (tail draws: {k})": {"tail_draws": k, **_subset_report(found[k])} for k in counts}
 
 
 def lateral_track(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,21 +287,28 @@ def plot_head_turn(outputs: dict[str, np.ndarray], scene: EvalScene, path: Path)
     return path
 
 
+def new_report(scenes: list[EvalScene], hop_latents: int) -> dict:
+    return {"scenes": {"single": sum(s.kind == "single" for s in scenes),
+                       "head_turn": sum(s.kind == "head_turn" for s in scenes)},
+            "hop_latents": hop_latents, "systems": {}}
+
+
 def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
              mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
              plot: Path | None = None, seam_seconds: float = 60.0, baseline_steps: int | None = 10,
-             progress: bool = True, engines: dict | None = None) -> dict:
+             progress: bool = True, engines: dict | None = None, tail_draws: int = 0) -> dict:
     """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns), the
     baselines (the mono model sampled with `baseline_steps` Euler steps and its CFG) and `engines`
-    ({name: opened engine}, e.g. an fp32 and an int8 export); optionally plot the first head-turn scene."""
-    report = {"scenes": {"single": sum(s.kind == "single" for s in scenes),
-                         "head_turn": sum(s.kind == "head_turn" for s in scenes)},
-              "hop_latents": hop_latents, "systems": {}}
+    ({name: opened engine}, e.g. an fp32 and an int8 export), and with `tail_draws` the cue floor
+    (median_tail_cues); optionally plot the first head-turn scene."""
+    report = new_report(scenes, hop_latents)
     outputs = {}
     with torch.no_grad():  # the ceiling: the ground truth through the VAE (encode -> streaming decode)
         recon = [model.vae.reconstruct(torch.from_numpy(s.audio.astype(np.float32))).numpy() for s in scenes]
     report["systems"]["VAE re-encoded truth"] = score(recon, scenes)
     report["systems"]["truth, another late tail"] = score(another_tail(scenes), scenes)
+    if tail_draws:
+        report["systems"].update(median_tail_cues(scenes, tail_draws, progress))
     out = run_model(model, scenes, hop_latents, progress=progress)
     report["systems"][model.role] = {"evaluations_per_hop": model.sampler.evaluations, **score(out, scenes)}
     outputs[model.role] = out

@@ -474,9 +474,19 @@ def cmd_eval(args) -> int:
     from engine.backends import EngineError, open_engine
     from engine.checkpoint import CheckpointError
     from engine.model import DEFAULT_CHECKPOINT
-    from training.evaluate import eval_scenes, evaluate, format_report, save_report
+    from training.evaluate import eval_scenes, evaluate, format_report, median_tail_cues, new_report, save_report
 
     _threads(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.floor_only:
+        scenes = eval_scenes(args.scenes, args.seed, head_turns=0)
+        report = new_report(scenes, args.hop)
+        report["systems"].update(median_tail_cues(scenes, args.tail_draws or 1))
+        report.update(seed=args.seed)
+        save_report(report, out / "eval.json")
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
     shipped = DEFAULT_CHECKPOINT.parent
     teacher = args.teacher or (shipped / "teacher.safetensors" if args.checkpoint is None else None)
     mono = args.mono or (shipped / "mono.safetensors" if args.checkpoint is None else None)
@@ -493,11 +503,9 @@ def cmd_eval(args) -> int:
             engines[name] = runner
     except (CheckpointError, EngineError, ValueError) as exc:
         return _fail(str(exc))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
     report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
-                      args.seam_seconds, args.baseline_steps, engines=engines)
+                      args.seam_seconds, args.baseline_steps, engines=engines, tail_draws=args.tail_draws)
     report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
     save_report(report, out / "eval.json")
     print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
@@ -814,6 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-steps", type=int, default=10, help="Euler steps (with CFG) for the mono model (default 10)")
     p.add_argument("--engine", nargs="+", help="also score these exported engines (visaudio export; onnxruntime, "
                                                "each at its own hop) on the same scenes")
+    p.add_argument("--tail-draws", type=int, default=0,
+                   help="also score the cue floor: per frame, the median cues of 1, 2, 4, ... this many other draws of "
+                        "each room's late tail (the least cue error a renderer can expect without the tail's noise)")
+    p.add_argument("--floor-only", action="store_true", help="score only that floor (no model; head turns skipped)")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int)
