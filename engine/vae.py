@@ -33,7 +33,7 @@ from engine.config import JsonConfig
 class VAEConfig(JsonConfig):
     sample_rate: int = 16000
     hop: int = 320  # 50 latents/s: two per 25 fps video frame; 20 ms of decoder look-behind
-    latent_dim: int = 160  # re-encoded held-out scenes: ITD error ~40 us, ILD error ~1.1 dB (README)
+    latent_dim: int = 160  # re-encoded held-out scenes: ITD error ~40 us, ILD error ~1.1 dB (docs/MEASUREMENTS.md)
     compress: float = 0.5  # |X|^p before PCA, so quiet high bands (the ILD carriers) get dimensions
     itd_band_hz: float = 1500.0  # the band whose phase carries the ITD (GCC-PHAT band, DESIGN.md 5)...
     itd_band_weight: float = 4.0  # ...weighted up in the PCA metric: mean ITD error 170 -> 41 us at D=160
