@@ -31,3 +31,21 @@ def test_the_cue_floor_starts_at_another_tail_and_falls_as_the_median_takes_more
     assert rooms_one["scenes_in_view"] == 3
     assert rooms_four["itd_error_us_in_view"] < 0.95 * rooms_one["itd_error_us_in_view"]
     assert rooms_four["ild_error_db_in_view"] < 0.95 * rooms_one["ild_error_db_in_view"]
+
+
+def test_eval_floor_only_writes_the_floor_and_refuses_a_negative_draw_count(tmp_path, capsys):
+    import json
+
+    from visaudio.cli import main
+
+    assert main(["eval", "--floor-only", "--tail-draws", "-1", "--out", str(tmp_path)]) == 2
+    assert "--tail-draws" in capsys.readouterr().err
+    # held-out scene 20000 is in a room, 20001 is not
+    assert main(["eval", "--floor-only", "--tail-draws", "2", "--scenes", "2", "--seed", "20000", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["scenes"] == {"single": 2, "head_turn": 0}
+    rows = list(report["systems"].values())
+    assert [r["tail_draws"] for r in rows] == [1, 2]
+    assert all(r["by_acoustics"]["room"]["scenes"] == 1 and r["by_acoustics"]["anechoic"]["itd_error_us_in_view"] == 0
+               for r in rows)
+    assert rows[0]["by_acoustics"]["room"]["itd_error_us_in_view"] > 0

@@ -477,6 +477,8 @@ def cmd_eval(args) -> int:
     from training.evaluate import eval_scenes, evaluate, format_report, median_tail_cues, new_report, save_report
 
     _threads(args)
+    if args.tail_draws < 0:
+        return _fail(f"--tail-draws: {args.tail_draws} other draws of the tail; give 0 (none) or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.floor_only:
