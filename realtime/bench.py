@@ -139,6 +139,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
     finally:
         stop.set()
         stats = runtime.stats()
+        missed_at = [t / 1e9 for t in runtime.missed_at]  # the runtime's clock is time.monotonic_ns
         sink.close()
         runtime.close()
     if progress:
@@ -197,6 +198,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             # when each happened, seconds from the first frame sent
             "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
             "device_underflow_times_s": [round(float(t) - origin, 3) for t in device_xrun_at],
+            "deadline_miss_times_s": [round(t - origin, 3) for t in missed_at],
             # kernel work of the whole process while streaming: page faults stall in the kernel, and on a
             # kernel without full preemption they can delay the audio threads' wake-ups
             "page_faults": {"minor": usage_end.ru_minflt - usage.ru_minflt, "major": usage_end.ru_majflt - usage.ru_majflt},
@@ -216,7 +218,8 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
                  video_sent: np.ndarray, path) -> str:
     """The played audio's lateral angle around the first yaw steps, both latency distributions against
     their targets (MOTION_TARGET_MS, VIDEO_TARGET_MS), and video-to-sound over the whole run with the
-    moments the ring ran dry and the device flagged underflows (what a soak's latency tail comes from)."""
+    moments the ring ran dry, the device flagged underflows and hops missed their deadline (what a soak's
+    latency tail comes from)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +251,8 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
     timeline.axhline(VIDEO_TARGET_MS, color="C3", ls="--", lw=0.8, label=f"target {VIDEO_TARGET_MS:g} ms")
     bottom = min(video) - 5 if video else 0
     for times, color, name in ((report["device_underflow_times_s"], "0.6", "device underflow (xrun)"),
-                               (report["underflow_times_s"], "C3", "ring ran dry")):
+                               (report["underflow_times_s"], "C3", "ring ran dry"),
+                               (report["deadline_miss_times_s"], "C1", "deadline miss")):
         if times:
             timeline.plot(times, np.full(len(times), bottom), "|", color=color, ms=10, label=f"{name}: {len(times)}")
     timeline.set_xlabel("seconds into the run")
