@@ -94,7 +94,7 @@ class Runtime:
         self.hop_ms: deque = deque(maxlen=2000)
         self.compute_ms = 0.75 * self.hop_seconds * 1e3  # p95 of hop_ms once there are 10, for clock deadlines
         self.latency_ms: deque = deque(maxlen=2000)  # last input of a complete hop received -> its audio sent
-        self.missed_at: deque = deque(maxlen=2000)  # clock() when each of the last deadline misses finished
+        self.missed: deque = deque(maxlen=2000)  # (clock() when it finished, compute ms) of the last deadline misses
         self.last_arrival: list[int] = [0] * self.g.batch
         self.started_ns = clock()
         # What startup allocated (torch, onnxruntime, the engine: ~180k objects) leaves the cyclic
@@ -277,7 +277,7 @@ class Runtime:
         self.counts["hops"] += 1
         if done - started > self.hop_seconds * 1e9:  # slower than real time: the output will fall behind
             self.counts["deadline misses"] += 1
-            self.missed_at.append(done)
+            self.missed.append((done, (done - started) / 1e6))
         streams = {slot: stream for stream, slot in self.slots.items()}
         for slot, (hop, complete) in hops.items():
             stream, inputs = streams[slot], self.inputs[slot]
