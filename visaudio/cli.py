@@ -471,10 +471,8 @@ def _load(path):
 
 
 def cmd_eval(args) -> int:
-    from engine.backends import EngineError, open_engine
-    from engine.checkpoint import CheckpointError
     from engine.model import DEFAULT_CHECKPOINT
-    from training.evaluate import eval_scenes, evaluate, format_report, median_tail_cues, new_report, save_report
+    from training.evaluate import eval_scenes, format_report, median_tail_cues, new_report, save_report
 
     _threads(args)
     if args.tail_draws < 0:
@@ -485,10 +483,25 @@ def cmd_eval(args) -> int:
         scenes = eval_scenes(args.scenes, args.seed, head_turns=0)
         report = new_report(scenes, args.hop)
         report["systems"].update(median_tail_cues(scenes, args.tail_draws or 1))
-        report.update(seed=args.seed)
-        save_report(report, out / "eval.json")
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
-        return 0
+    else:
+        report = _evaluate_models(args, out)
+        if isinstance(report, int):
+            return report
+        report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT))
+    report.update(seed=args.seed)
+    save_report(report, out / "eval.json")
+    plot = "" if args.floor_only else f"\nplot: {report.get('plot')}"
+    print(json.dumps(report, indent=2) if args.json else format_report(report) + plot)
+    return 0
+
+
+def _evaluate_models(args, out: Path) -> dict | int:
+    """`visaudio eval` with models: the checkpoint, its teacher and baselines, engines (an exit code on bad input)."""
+    from engine.backends import EngineError, open_engine
+    from engine.checkpoint import CheckpointError
+    from engine.model import DEFAULT_CHECKPOINT
+    from training.evaluate import eval_scenes, evaluate
+
     shipped = DEFAULT_CHECKPOINT.parent
     teacher = args.teacher or (shipped / "teacher.safetensors" if args.checkpoint is None else None)
     mono = args.mono or (shipped / "mono.safetensors" if args.checkpoint is None else None)
@@ -506,12 +519,8 @@ def cmd_eval(args) -> int:
     except (CheckpointError, EngineError, ValueError) as exc:
         return _fail(str(exc))
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
-    report = evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
-                      args.seam_seconds, args.baseline_steps, engines=engines, tail_draws=args.tail_draws)
-    report.update(checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
-    save_report(report, out / "eval.json")
-    print(json.dumps(report, indent=2) if args.json else format_report(report) + f"\nplot: {report.get('plot')}")
-    return 0
+    return evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
+                    args.seam_seconds, args.baseline_steps, engines=engines, tail_draws=args.tail_draws)
 
 
 def cmd_pack(args) -> int:
