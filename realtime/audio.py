@@ -79,6 +79,17 @@ RECOVER_ABOVE_SECONDS = 0.01
 # Every drop crossfades this many model samples (5 ms, raised cosine) from the audio it cuts to the
 # audio after it: a hard cut in a tone clicks (a jump up to twice its amplitude).
 FADE_SAMPLES = 80
+# A hop later than the audio buffered: rather than let the ring run dry (the device plays silence and
+# playback restarts a margin later), the feeder conceals the wait with NetEq's expand (Expander), from
+# when the ring holds less than CONCEAL_PERIODS device periods and one feeder poll with nothing queued
+# (the device takes a period per callback, and the feeder may wake a poll late), for at most
+# MAX_CONCEAL_SECONDS; then it has faded out and the ring runs dry (a gap, counted as an underflow).
+# The time concealed becomes latency, kept and given back as a kept gap is (MAX_EXCESS_SECONDS).
+CONCEAL_PERIODS = 2
+MAX_CONCEAL_SECONDS = MAX_EXCESS_SECONDS
+EXPAND_LAG_SECONDS = (0.0025, 0.02)  # pitch periods searched: 50-400 Hz
+EXPAND_MIN_CORRELATION = 0.5  # below it the audio has no period (noise): repeat the longest lag
+FEED_SECONDS = 0.0025  # the feeder tops the ring up this often
 TAPS = 32  # taps of the sinc kernel (half on each side), in input samples
 KERNEL_PHASES = 512  # table rows per input sample; interpolating between rows errs by ~3e-6 of full scale
 
@@ -148,6 +159,80 @@ def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
     return np.where(inside, np.i0(beta * np.sqrt(np.clip(1 - u * u, 0, 1))) / np.i0(beta), 0.0)
 
 
+class Expander:
+    """NetEq's expand for binaural audio: continue what was played last by repeating its last pitch
+    period (the lag of highest normalised autocorrelation over both ears, EXPAND_LAG_SECONDS), one lag
+    for both ears so that their ITD and ILD carry on. A concealment ends on a period boundary, where
+    the repeated period is in phase with the audio it stood in for (NetEq's merge aligns likewise):
+    there the late audio is crossfaded in (FADE_SAMPLES); it lasts whole periods, at most
+    MAX_CONCEAL_SECONDS, and fades out to silence when no audio came by then."""
+
+    def __init__(self, sample_rate: int, channels: int = 2):
+        self.min_lag, self.max_lag = (int(round(s * sample_rate)) for s in EXPAND_LAG_SECONDS)
+        self.max_samples = int(MAX_CONCEAL_SECONDS * sample_rate)
+        self.recent = np.zeros((2 * self.max_lag, channels), np.float32)  # the last audio played
+        self.period: np.ndarray | None = None  # the period being repeated; None when not concealing
+        self.position = 0  # samples concealed so far
+        self.limit = 0  # whole periods, at most max_samples
+        self.faded = False  # faded out (the ring runs dry): the audio after the gap fades in
+
+    @property
+    def active(self) -> bool:
+        return self.period is not None
+
+    def remember(self, pcm: np.ndarray) -> None:
+        n = min(len(pcm), len(self.recent))
+        self.recent[:-n] = self.recent[n:]
+        self.recent[-n:] = pcm[-n:]
+
+    def best_lag(self) -> int:
+        """The lag whose shift of the last max_lag samples matches them best (normalised correlation
+        summed over the ears); max_lag where none reaches EXPAND_MIN_CORRELATION."""
+        window = self.max_lag
+        target = self.recent[-window:].astype(np.float64)
+        lags = np.arange(self.min_lag, self.max_lag + 1)
+        starts = len(self.recent) - window - lags
+        shifted = np.lib.stride_tricks.sliding_window_view(self.recent.astype(np.float64), window, axis=0)[starts]
+        dots = np.einsum("lcw,wc->l", shifted, target)
+        energy = np.einsum("lcw,lcw->l", shifted, shifted) * float(np.sum(target * target))
+        score = dots / np.sqrt(np.maximum(energy, 1e-20))
+        best = int(np.argmax(score))
+        return int(lags[best]) if score[best] >= EXPAND_MIN_CORRELATION else self.max_lag
+
+    def start(self) -> None:
+        lag = self.best_lag()
+        self.period, self.position, self.faded = self.recent[-lag:].copy(), 0, False
+        self.limit = max(1, self.max_samples // lag) * lag
+
+    def to_boundary(self) -> int:
+        """Samples to conceal before the next period boundary (0: on one)."""
+        return -self.position % len(self.period)
+
+    def next(self, n: int, fade_out: bool = False) -> np.ndarray:
+        """The next n samples of the repeated period; fade_out: falling to silence over them (the last
+        before the ring runs dry); silence once faded."""
+        at = self.position + np.arange(n)
+        self.position += n
+        if self.faded:
+            return np.zeros((n, self.period.shape[1]), np.float32)
+        pcm = self.period[at % len(self.period)]
+        if fade_out:
+            self.faded = True
+            return pcm * (0.5 + 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)[:, None]
+        return pcm
+
+    def merge(self, pcm: np.ndarray) -> np.ndarray:
+        """pcm, crossfaded from the concealment it ends (FADE_SAMPLES); pcm itself when none."""
+        if self.period is None:
+            return pcm
+        k = min(FADE_SAMPLES, len(pcm))
+        rise = (0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)).astype(np.float32)[:, None]
+        pcm = pcm.copy()
+        pcm[:k] = self.next(k) * (1 - rise) + pcm[:k] * rise
+        self.period = None
+        return pcm
+
+
 @dataclass
 class _Playback:
     """One rtmixer play action over the device ring: it stops when the ring runs dry (an underflow)
@@ -170,7 +255,8 @@ class HeadphoneSink:
     whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived; from then on
     drift correction moves the level until the hops find `margin_ms` still buffered as they arrive
     (median): the slack for a hop's compute or frames to come late, the same whatever the first hop
-    happened to cost. When the ring runs dry, playback restarts `margin_ms` after audio is back
+    happened to cost. A hop later than that is waited for with concealment (Expander): the ring does
+    not run dry unless the wait outlasts MAX_CONCEAL_SECONDS. When it runs dry, playback restarts `margin_ms` after audio is back
     (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest
     of the audio it stood for is dropped (NetEq's expand, then accelerate); the latency kept is dropped
     too once the hops have come on time for CALM_SECONDS. Every drop is crossfaded (FADE_SAMPLES). The
@@ -208,6 +294,8 @@ class HeadphoneSink:
         self.ring = rtmixer.RingBuffer(8, frames)  # float32 stereo frames
         self.written = 0  # frames ever written into the ring (feeder thread)
         self.underflows = 0  # times the ring ran dry under the callback (it plays silence until restarted)
+        self.concealments = 0  # times the feeder concealed a late hop (Expander) instead
+        self.concealed = 0  # model samples of that concealment
         self.missing = 0  # device frames of that silence
         self.overflows = 0  # blocks refused for lack of room
         self.playbacks: list[_Playback] = []
@@ -228,6 +316,8 @@ class HeadphoneSink:
         self.restarted = False  # a new playback was queued after running dry (once the ring refilled)
         self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
         self.resampler = Resampler()
+        self.expander = Expander(sample_rate)
+        self.conceal_below = CONCEAL_PERIODS * blocksize + int(FEED_SECONDS * self.device_rate)  # ring frames
         self.rotation = LateRotation(sample_rate) if late_rotation else None
         self.block = sample_rate // 200
         self.queue: deque = deque()  # (pcm (n, 2), generation yaw (n,) or None), appended by the runtime
@@ -465,6 +555,10 @@ class HeadphoneSink:
         if lost > 0:
             self._drop(lost)
         while self.ring.read_available < self.device_target:
+            if self._conceal():
+                if self.ring.read_available >= self.conceal_below:
+                    break
+                continue
             taken = self._take(self.block)
             if taken is None:
                 break
@@ -476,10 +570,7 @@ class HeadphoneSink:
                 change = 0.0 if yaw is None or self.yaw_now is None else \
                     (self.yaw_now - float(yaw.mean()) + 180.0) % 360.0 - 180.0
                 pcm = self.rotation.process(pcm, change)
-            block = self.resampler.process(pcm, self.ratio * (1 + self.correction))
-            with self.level_lock:  # slack() finds the block queued or in the ring, never in neither
-                self.taken += len(pcm)
-                self._write(block)
+            self._send(self.expander.merge(pcm), len(pcm))
         full = self.ring.read_available >= self.device_target
         if self.gap_from is not None and not self.restarted and full:
             # after running dry, prebuffer `margin` again as at the start: restarting the moment audio is
@@ -494,6 +585,44 @@ class HeadphoneSink:
             self._play()
             self.playing, self.started_at = True, _time.monotonic()
             self.output_latency = float(self.output.latency)  # the device's own buffering, seconds
+
+    def _conceal(self) -> bool:
+        """Write the concealment (Expander) the ring needs now; False when the queue plays instead.
+
+        A concealment starts when the ring is low (conceal_below) with nothing queued, and goes on after
+        the late hop came until the level is back at margin + a hop (where the hops find the margin as
+        they arrive; a restart after running dry prebuffers the margin likewise: merging the moment audio
+        was back left the next hops ~12 ms of slack) or its whole periods are spent; it ends on a period
+        boundary. Spent with nothing queued, it fades out and the ring runs dry (an underflow)."""
+        expander, queued, ring = self.expander, self.queued - self.taken, self.ring.read_available
+        if not expander.active:
+            if not self.playing or self.gap_from is not None or queued >= self.block or ring >= self.conceal_below:
+                return False
+            expander.start()
+            self.concealments += 1
+            self.calm_since = _time.monotonic()
+        if expander.faded:
+            return False
+        n = min(self.block, expander.limit - expander.position)
+        rebuilt = ring / self.device_rate + queued / self.sample_rate >= self.margin + self.last_hop
+        if queued >= self.block and (rebuilt or n == 0):
+            n = min(n, expander.to_boundary())
+            if n == 0:
+                return False  # the queue's next block merges in phase
+        if ring >= self.conceal_below:
+            return True  # not yet
+        pcm = expander.next(n) if n else expander.next(FADE_SAMPLES, fade_out=True)
+        self.concealed += len(pcm)
+        self._send(pcm, 0)
+        return True
+
+    def _send(self, pcm: np.ndarray, taken: int) -> None:
+        """Resample pcm (model rate) into the ring; `taken`: how many queued samples it stands for."""
+        self.expander.remember(pcm)
+        block = self.resampler.process(pcm, self.ratio * (1 + self.correction))
+        with self.level_lock:  # slack() finds the block queued or in the ring, never in neither
+            self.taken += taken
+            self._write(block)
 
     def _hold_level(self, found: float) -> None:
         """Drift correction (PI, anti-windup by conditional integration) from the slack a hop found.
@@ -513,7 +642,7 @@ class HeadphoneSink:
         self.correction = float(np.clip(wanted, -MAX_DRIFT_CORRECTION, MAX_DRIFT_CORRECTION))
 
     def _feed_loop(self) -> None:
-        while not self.stopping.wait(0.0025):
+        while not self.stopping.wait(FEED_SECONDS):
             self.feed()
 
     def slack(self) -> float | None:
@@ -529,6 +658,7 @@ class HeadphoneSink:
     def stats(self) -> dict:
         return {"device_rate": self.device_rate, "buffered_ms": self.ring.read_available / self.device_rate * 1e3,
                 "queued_ms": (self.queued - self.taken) / self.sample_rate * 1e3, "underflows": self.underflows,
+                "concealments": self.concealments, "concealed_samples": self.concealed,
                 "device_underflows": self.device_underflows, "device_stalls": self.stalls, "missing_samples": self.missing,
                 "dropped_samples": self.dropped, "drops": self.drops, "overflows": self.overflows,
                 "drift_correction": self.correction}

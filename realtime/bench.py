@@ -12,7 +12,9 @@ callback plays the ring frame by frame, so frame k plays at start + k / rate). F
 * video-to-sound: from sending a frame to the DAC time of the audio sample at that frame's media time
   (the transport delay every visible event's sound goes through, whatever the model makes of it).
 
-Underruns are counted twice over: `underflows`, times the ring ran dry (we were late), and
+A hop later than the audio buffered is concealed (HeadphoneSink's Expander, NetEq's expand):
+`output_concealments` counts those and `output_concealed_ms` their length. Underruns are counted twice
+over: `underflows`, times the ring ran dry (we were late, longer than a concealment may last), and
 `device_underflows`, callbacks PortAudio flagged output_underflow (the device played a gap because the
 callback itself ran late, e.g. a JACK xrun); `device_stalls`, times the device took the ring more
 than two periods late with no xrun flagged yet (its server or the VM descheduled). `read_to_dac_ms` is
@@ -117,13 +119,13 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
         p.start()
     started = time.monotonic()
     next_rss = started + 10
-    # times at which the ring ran dry / the device flagged an underflow (seen within a poll)
-    ring_dry_at, device_xrun_at, seen = [], [], [0, 0]
+    # times at which the ring ran dry / the device flagged an underflow / a concealment began (seen within a poll)
+    ring_dry_at, device_xrun_at, concealed_at, seen = [], [], [], [0, 0, 0]
     try:
         while any(p.is_alive() for p in producers):
             runtime.poll_once(20.0)
-            counts = [sink.underflows, sink.device_underflows]
-            for times, count, before in zip((ring_dry_at, device_xrun_at), counts, seen):
+            counts = [sink.underflows, sink.device_underflows, sink.concealments]
+            for times, count, before in zip((ring_dry_at, device_xrun_at, concealed_at), counts, seen):
                 times.extend([time.monotonic()] * (count - before))
             seen = counts
             if time.monotonic() >= next_rss:
@@ -134,6 +136,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
                           f"underflows {sink.underflows} (device {sink.device_underflows})", end="", flush=True)
         # (after this the producer is gone and the queue drains)
         underflows, device_underflows = sink.underflows, sink.device_underflows
+        concealments, concealed = sink.concealments, sink.concealed
         usage_end = resource.getrusage(resource.RUSAGE_SELF)
         time.sleep(0.3)
     finally:
@@ -189,6 +192,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             "video_to_sound_ms": percentiles(video) if video else None,
             "hop_compute_ms": stats["hop_ms"], "hops": stats["counts"].get("hops", 0),
             "deadline_misses": stats["counts"].get("deadline misses", 0),
+            "output_concealments": concealments, "output_concealed_ms": concealed / sample_rate * 1e3,
             "underflows": underflows, "device_underflows": device_underflows, "device_stalls": sink.stalls,
             # the device's read-to-DAC delay every DAC time rests on, and whether it came from a playback
             # that began with no xrun or stall (else from a start one had moved: HeadphoneSink._track_reads)
@@ -198,6 +202,7 @@ def bench_latency(engine_dir: str, seconds: float = 20.0, backend: str = "onnxru
             # when each happened, seconds from the first frame sent
             "underflow_times_s": [round(float(t) - origin, 3) for t in ring_dry_at],
             "device_underflow_times_s": [round(float(t) - origin, 3) for t in device_xrun_at],
+            "output_concealment_times_s": [round(float(t) - origin, 3) for t in concealed_at],
             "deadline_miss_times_s": [round(t / 1e9 - origin, 3) for t, _ in missed],
             "deadline_miss_compute_ms": [round(ms, 1) for _, ms in missed],  # a hop's budget is hop_ms
             # kernel work of the whole process while streaming: page faults stall in the kernel, and on a
@@ -219,8 +224,8 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
                  video_sent: np.ndarray, path) -> str:
     """The played audio's lateral angle around the first yaw steps, both latency distributions against
     their targets (MOTION_TARGET_MS, VIDEO_TARGET_MS), and video-to-sound over the whole run with the
-    moments the ring ran dry, the device flagged underflows and hops missed their deadline (what a soak's
-    latency tail comes from)."""
+    moments the ring ran dry, the device flagged underflows, late hops were concealed and hops missed
+    their deadline (what a soak's latency tail comes from)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,6 +258,7 @@ def plot_latency(report: dict, lateral_t: np.ndarray, lateral: np.ndarray, steps
     bottom = min(video) - 5 if video else 0
     for times, color, name in ((report["device_underflow_times_s"], "0.6", "device underflow (xrun)"),
                                (report["underflow_times_s"], "C3", "ring ran dry"),
+                               (report["output_concealment_times_s"], "C2", "late hop concealed"),
                                (report["deadline_miss_times_s"], "C1", "deadline miss")):
         if times:
             timeline.plot(times, np.full(len(times), bottom), "|", color=color, ms=10, label=f"{name}: {len(times)}")

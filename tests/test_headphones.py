@@ -129,15 +129,49 @@ def test_headphone_sink_restarts_after_running_dry_and_keeps_its_latency(jack):
     assert result["played"] > 2.5 * 48000  # it went on playing after the stall
 
 
-def test_a_run_of_late_hops_runs_the_ring_dry_once(jack):
-    """Five hops in a row 80 ms late against a 60 ms margin: the first runs the ring dry, playback
-    prebuffers the margin again and keeps the gap as latency, so the next four arrive in time (when
-    the sink restarted at once and dropped the gap, each of the five ran it dry)."""
+def test_a_run_of_late_hops_is_concealed_once_and_never_runs_the_ring_dry(jack):
+    """Five hops in a row 80 ms late against a 60 ms margin: the first is concealed (Expander, ~30 ms)
+    instead of running the ring dry, and the concealed time stays as latency, so the next four arrive
+    in time (before concealment the first ran the ring dry; when the sink then restarted at once and
+    dropped the gap, each of the five did)."""
     # (each cycle the device misses leaves a period, 5.3 ms, more buffered: in 1 run of 16 here it missed
-    # 15 and the late run never ran the ring dry; runs with 3+ leave the 20 ms dry spell at most 4 ms)
-    result = run_while_the_device_keeps_time(PLAY, "0", "0.08", tries=3, kept_time=lambda r: r["device_underflows"] <= 2)
-    assert result["missing_samples"] > 0 and result["played"] > 2.5 * 48000, result
-    assert result["underflows"] <= 2, result  # the late run once (and perhaps the run's end)
+    # 15 and the late run needed no concealment)
+    result = run_while_the_device_keeps_time(PLAY, "0", "0.08", tries=3, kept_time=lambda r: r["device_underflows"] == 0)
+    assert result["underflows"] == 0 and result["missing_samples"] == 0, result
+    assert result["concealments"] == 1 and 0.01 * 16000 < result["concealed_samples"] <= 0.04 * 16000, result
+    assert result["played"] > 2.5 * 48000
+
+
+CONCEAL = r"""
+import json, numpy as np, time
+from realtime.audio import HeadphoneSink
+sink = HeadphoneSink(16000, stream=0, margin_ms=40.0, capture_seconds=4)
+t = np.arange(16000 * 4) / 16000  # a 440 Hz tone, the right ear 0.5 ms later and 6 dB down
+tone = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 440 * (t - 5e-4))], 1).astype(np.float32)
+start = time.monotonic()
+for k in range(40):  # 3.2 s of 80 ms hops; hop 20 comes 60 ms late
+    time.sleep(max(0.0, start + k * 0.08 + (0.06 if k == 20 else 0.0) - time.monotonic()))
+    sink(0, 0, tone[k * 1280:(k + 1) * 1280])
+time.sleep(0.02)
+audio = sink.capture[:min(sink.written, len(sink.capture))]
+sink.close()
+played = audio[48000:-4800]  # from 1 s on (the late hop comes at 1.66 s), before the end ran dry
+print(json.dumps({"max_step": float(np.max(np.abs(np.diff(played[:, 0])))),
+                  "min_envelope": float(np.min(np.lib.stride_tricks.sliding_window_view(np.abs(played[:, 0]), 120).max(axis=1))),
+                  "ild_db": float(20 * np.log10(np.std(played[:, 0]) / np.std(played[:, 1]))), **sink.stats()}))
+"""
+
+
+def test_a_late_hop_is_concealed_without_a_gap_or_a_click(jack):
+    """One hop 60 ms late against a 40 ms margin: the ring does not run dry; the concealment carries
+    the tone on (no 2.5 ms stretch of the captured ring falls below the tone's amplitude range, as
+    silence would) without a jump (the largest step between 48 kHz samples stays within the tone's,
+    0.029, plus the crossfades' ramps and the concealed period's seam) and keeps the ILD."""
+    result = run_while_the_device_keeps_time(CONCEAL, tries=3, kept_time=lambda r: r["device_underflows"] == 0)
+    assert result["underflows"] == 0 and result["concealments"] == 1, result
+    assert result["min_envelope"] > 0.4, result
+    assert result["max_step"] < 0.5 * 2 * np.pi * 440 / 48000 + 0.01, result
+    assert abs(result["ild_db"] - 6.02) < 0.2, result
 
 
 RECOVER = r"""
@@ -424,3 +458,57 @@ def test_the_dac_times_follow_a_stall_of_the_whole_machine():
     the resumed device (dated on the line before the stall, 156-174 ms early, in 5 runs of 5 before
     the sink saw stalls in its reads, 1 of 5 after)."""
     check_dating_follows_a_stall(whole_machine=True)
+
+
+@pytest.mark.parametrize("kind", ["noise", "harmonic"])
+def test_the_expander_continues_both_ears_with_their_itd_and_ild(kind):
+    """NetEq's expand over both ears with one lag: the concealed audio keeps the interaural delay (10
+    samples, 625 us) and level difference (6 dB) of what was played, starts without a jump larger than
+    the signal's own, and merges into the audio after it without one."""
+    from realtime.audio import Expander
+
+    rng = np.random.default_rng(3)
+    t = np.arange(8040) / 16000
+    source = rng.standard_normal(8040) if kind == "noise" else \
+        sum(np.sin(2 * np.pi * 150 * k * t + k) / k for k in range(1, 6))
+    binaural = np.stack([source[20:8020], 0.5 * source[10:8010]], 1).astype(np.float32)  # the left ear leads
+    expander = Expander(16000)
+    for i in range(0, 6000, 80):
+        expander.remember(binaural[i:i + 80])
+    expander.start()
+    concealed = np.concatenate([expander.next(80) for _ in range(6)])  # 30 ms, before the fade-out
+    left, right = concealed[:, 0].astype(float), concealed[:, 1].astype(float)
+    assert np.argmax(np.correlate(left, right, "full")) - (len(right) - 1) == -10
+    assert abs(10 * np.log10(np.sum(left ** 2) / np.sum(right ** 2)) - 6.02) < 0.3
+    typical = np.abs(np.diff(binaural[:6000], axis=0)).max()
+    assert np.abs(concealed[0] - binaural[5999]).max() <= typical
+    merged = expander.merge(binaural[6000:6160])
+    assert not expander.active and np.abs(merged[0] - concealed[-1]).max() <= typical
+    assert np.array_equal(merged[80:], binaural[6080:6160])  # after the crossfade, the audio itself
+
+
+def test_the_expander_ends_on_a_period_boundary_in_phase_and_fades_out_when_nothing_came():
+    """A 440 Hz tone: the concealment lasts whole periods, at most MAX_CONCEAL_SECONDS; on a boundary
+    it is in phase with the tone it stood in for, so the tone merges in without a dip (ending off a
+    boundary, the crossfade of two phases of it cancelled down to a third of its amplitude); with
+    nothing to merge it fades out to silence, and what comes after fades in."""
+    from realtime.audio import FADE_SAMPLES, MAX_CONCEAL_SECONDS, Expander
+
+    tone = np.repeat(np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)[:, None], 2, axis=1).astype(np.float32)
+    expander = Expander(16000)
+    expander.remember(tone[:4000])
+    expander.start()
+    assert expander.limit <= MAX_CONCEAL_SECONDS * 16000 and expander.limit % len(expander.period) == 0
+    concealed = np.concatenate([expander.next(min(80, expander.limit - expander.position))
+                                for _ in range(int(np.ceil(expander.limit / 80)))])
+    assert expander.to_boundary() == 0 and len(concealed) == expander.limit
+    merged = expander.merge(tone[4000:4160])  # the tone as it went on after the 4000 samples played
+    window = np.lib.stride_tricks.sliding_window_view(np.abs(np.concatenate([concealed, merged])[:, 0]), 40).max(axis=1)
+    assert window.min() > 0.95
+    expander.start()
+    expander.next(expander.limit)
+    faded = expander.next(FADE_SAMPLES, fade_out=True)
+    assert expander.faded and np.all(np.abs(faded[-5:]) < 0.01)
+    assert np.all(expander.next(80) == 0)
+    rising = expander.merge(tone[:80])
+    assert np.abs(rising[:5]).max() < 0.01 and not expander.active

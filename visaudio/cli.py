@@ -291,8 +291,8 @@ def _live_line(stats: dict) -> str:
             + (f", hop p50 {hop['p50']:.1f} p99 {hop['p99']:.1f} ms" if hop else "")
             + (f", frame-to-audio p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} ms" if lat else "")
             + f", concealed frames {concealed}, rejected messages {stats['rejected_total']}"
-            + (f", underflows {stats['output']['underflows']} + {stats['output']['device_underflows']} at the device"
-               if "output" in stats else ""))
+            + (f", late hops concealed {stats['output']['concealments']}, underflows {stats['output']['underflows']}"
+               f" + {stats['output']['device_underflows']} at the device" if "output" in stats else ""))
 
 
 def cmd_bench_latency(args) -> int:
@@ -334,7 +334,8 @@ def cmd_bench_latency(args) -> int:
         if report["first_audio_ms"] is not None:
             print(f"  first audio at the device {report['first_audio_ms']:.0f} ms after the first frame")
         print(f"  hop compute: {fmt(report['hop_compute_ms'])}; {report['hops']} hops, {report['deadline_misses']} "
-              f"deadline misses, {report['underflows']} underflows + {report['device_underflows']} at the device "
+              f"deadline misses, {report['output_concealments']} late hops concealed "
+              f"({report['output_concealed_ms']:.0f} ms), {report['underflows']} underflows + {report['device_underflows']} at the device "
               f"({report['device_stalls']} stalls), "
               f"{report['concealed_frames']} concealed frames, {report['dropped_samples']} samples dropped; RSS "
               f"{report['rss_mb']['start']:.0f} -> {report['rss_mb']['end']:.0f} MB "
