@@ -255,12 +255,13 @@ class HeadphoneSink:
     whole hop plus the prebuffer. Playback starts `margin_ms` after the first hop arrived; from then on
     drift correction moves the level until the hops find `margin_ms` still buffered as they arrive
     (median): the slack for a hop's compute or frames to come late, the same whatever the first hop
-    happened to cost. A hop later than that is waited for with concealment (Expander): the ring does
-    not run dry unless the wait outlasts MAX_CONCEAL_SECONDS. When it runs dry, playback restarts `margin_ms` after audio is back
-    (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes latency, and the rest
-    of the audio it stood for is dropped (NetEq's expand, then accelerate); the latency kept is dropped
-    too once the hops have come on time for CALM_SECONDS. Every drop is crossfaded (FADE_SAMPLES). The
-    device callback is rtmixer's, in C: it copies from the ring and nothing else."""
+    happened to cost. A hop later than that is waited for with concealment (Expander, `_conceal`): the
+    ring runs dry only when the wait outlasts MAX_CONCEAL_SECONDS. Then playback restarts `margin_ms`
+    after audio is back (prebuffered again), up to MAX_EXCESS_SECONDS of the silence played becomes
+    latency, and the rest of the audio it stood for is dropped (NetEq: expand, then accelerate); the
+    latency kept, concealed or silent, is dropped too once the hops have come on time for CALM_SECONDS.
+    Every drop is crossfaded (FADE_SAMPLES). The device callback is rtmixer's, in C: it copies from the
+    ring and nothing else."""
 
     # margin_ms: on the 2-core Xeon a 40 ms hop computes in p50 ~20 / p99 25-37 ms, and the runtime waits
     # for late frames until compute p95 + 10 ms before the output would run dry, so 28 ms leaves ~15 ms
@@ -317,7 +318,8 @@ class HeadphoneSink:
         self.refilled_at: float | None = None  # monotonic time the ring refilled after running dry
         self.resampler = Resampler()
         self.expander = Expander(sample_rate)
-        self.conceal_below = CONCEAL_PERIODS * blocksize + int(FEED_SECONDS * self.device_rate)  # ring frames
+        self.conceal_below = min(CONCEAL_PERIODS * blocksize + int(FEED_SECONDS * self.device_rate),
+                                 self.device_target)  # ring frames
         self.rotation = LateRotation(sample_rate) if late_rotation else None
         self.block = sample_rate // 200
         self.queue: deque = deque()  # (pcm (n, 2), generation yaw (n,) or None), appended by the runtime
