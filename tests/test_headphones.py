@@ -338,6 +338,12 @@ def test_bench_latency_measures_at_the_device(jack, tiny_models, tmp_path):
     assert isinstance(report["underflows"], int) and isinstance(report["dropped_samples"], int) and report["hops"] > 30
     assert len(report["deadline_miss_times_s"]) == len(report["deadline_miss_compute_ms"]) == report["deadline_misses"]
     assert all(ms >= report["hop_ms"] for ms in report["deadline_miss_compute_ms"])
+    # each concealment dated, and none longer than its cap plus the fade-out (5 ms at 16 kHz)
+    from realtime.audio import MAX_CONCEAL_SECONDS
+
+    assert len(report["output_concealment_times_s"]) == report["output_concealments"]
+    cap_ms = MAX_CONCEAL_SECONDS * 1e3 + 10
+    assert 0 <= report["output_concealed_ms"] <= report["output_concealments"] * cap_ms
     assert not report["read_to_dac_clean"] or 0 < report["read_to_dac_ms"] < 100, report  # a few periods
     assert report["plot"] == str(tmp_path / "latency.png") and (tmp_path / "latency.png").stat().st_size > 10_000
 
