@@ -159,6 +159,11 @@ def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
     return np.where(inside, np.i0(beta * np.sqrt(np.clip(1 - u * u, 0, 1))) / np.i0(beta), 0.0)
 
 
+def _rise(n: int) -> np.ndarray:
+    """A raised-cosine ramp from 0 to 1 over n samples, (n, 1) float32: every crossfade's weights."""
+    return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)[:, None]
+
+
 class Expander:
     """NetEq's expand for binaural audio: continue what was played last by repeating its last pitch
     period (the lag of highest normalised autocorrelation over both ears, EXPAND_LAG_SECONDS), one lag
@@ -218,7 +223,7 @@ class Expander:
         pcm = self.period[at % len(self.period)]
         if fade_out:
             self.faded = True
-            return pcm * (0.5 + 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)[:, None]
+            return pcm * (1 - _rise(n))
         return pcm
 
     def merge(self, pcm: np.ndarray) -> np.ndarray:
@@ -226,7 +231,7 @@ class Expander:
         if self.period is None:
             return pcm
         k = min(FADE_SAMPLES, len(pcm))
-        rise = (0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)).astype(np.float32)[:, None]
+        rise = _rise(k)
         pcm = pcm.copy()
         pcm[:k] = self.next(k) * (1 - rise) + pcm[:k] * rise
         self.period = None
@@ -438,7 +443,7 @@ class HeadphoneSink:
         fade = min(FADE_SAMPLES, self.queued - self.taken - n)
         pcm, yaw = self._take(n + max(fade, 0))
         if fade > 0:
-            rise = (0.5 - 0.5 * np.cos(np.pi * (np.arange(fade) + 0.5) / fade)).astype(np.float32)[:, None]
+            rise = _rise(fade)
             blend = pcm[:fade] * (1 - rise) + pcm[n:] * rise
             if self.head is not None:  # what is left of the block being consumed plays after the blend
                 block, block_yaw, at = self.head
