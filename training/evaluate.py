@@ -228,8 +228,9 @@ def median_tail_cues(scenes: list[EvalScene], draws: int, progress: bool = True)
     """The least cue error a renderer that knows everything in a scene but its late tail's noise can
     expect, estimated: each room scene rendered with `draws` other tails (with_tail 1..draws), and per
     frame (and band) the median of their ITDs, ILDs and coherences over the first k draws, k = 1, 2,
-    4, ... draws, scored against the reference (draw 0) on the same subsets as a system. Against an unknown draw, the median is the estimate of least expected absolute error, and
-    the metrics average absolute errors; k = 1 is `another_tail`. At finite k the score over-estimates
+    4, ... draws, scored against the reference (draw 0) on the same subsets as a system. Against an
+    unknown draw, the median is the estimate of least expected absolute error, and the metrics
+    average absolute errors; k = 1 is `another_tail`. At finite k the score over-estimates
     that least error (E|X - median of k| >= E|X - median|), so it falls as k grows toward it.
     Anechoic scenes score the reference's own cues (0). Returns {system name: its cue report}."""
     from tqdm import tqdm
