@@ -9,8 +9,9 @@ direction). All generate through engine.generate, the runtime's hop loop, from t
 head pose; the audio of the scene is only the reference. Two ceilings that generate nothing: the
 reference through the VAE, and the reference with its room's late tail drawn again (`another_tail`:
 a renderer that knew everything in the scene but the tail's noise would differ from the reference
-as much), and with `tail_draws` the cue floor (`median_tail_cues`: per frame, the median cues of
-several other tails, the least expected cue error of such a renderer).
+as much), and with `tail_draws` the cue floor (`cue_floor`: per frame, the median cues of several
+other tails, and optionally other waveforms of the sources, bracketing the least expected cue error
+of a renderer that knows all else).
 
 Reported per system:
   stft_distance, envelope_distance, itd_error_us, ild_error_db, ic_error: mean over single scenes
@@ -36,6 +37,8 @@ Reported per system:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,20 +115,22 @@ def run_model(model: BinauralModel, scenes: list[EvalScene], hop_latents: int = 
     return outs
 
 
-def with_tail(scene: EvalScene, draw: int) -> np.ndarray:
-    """The scene's reference rendered with another draw of its room's late tail (render_audio's
-    tail_draw; draw 0 is the reference): the same room, sources, head and reflections."""
+def with_draw(scene: EvalScene, tail_draw: int, sound_draw: int = 0) -> np.ndarray:
+    """The scene's reference rendered with other draws of what its picture cannot show: its room's late
+    tail (render_audio's tail_draw) and its sources' waveforms (sound_draw: other instances of the same
+    kinds and events); draw 0 is the reference's own. The same room, paths, head and reflections."""
     from training.render import render_audio
     from training.scene_spec import parse_scene
 
-    return (render_audio(parse_scene(scene.meta["scene"]), tail_draw=draw) * scene.meta["mix_gain"]).astype(np.float32)
+    audio = render_audio(parse_scene(scene.meta["scene"]), tail_draw=tail_draw, sound_draw=sound_draw)
+    return (audio * scene.meta["mix_gain"]).astype(np.float32)
 
 
 def another_tail(scenes: list[EvalScene]) -> list[np.ndarray]:
-    """Each reference with its room's late tail drawn again (with_tail 1): a diffuse tail of other noise.
+    """Each reference with its room's late tail drawn again (with_draw 1): a diffuse tail of other noise.
     A renderer that knew everything in the scene would still differ from the reference this much.
     Anechoic and head-turn scenes: the reference."""
-    return [with_tail(s, 1) if s.kind == "single" and s.meta["scene"].get("room") else s.audio for s in scenes]
+    return [with_draw(s, 1) if s.kind == "single" and s.meta["scene"].get("room") else s.audio for s in scenes]
 
 
 def mono_copy(mono_outputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -224,34 +229,76 @@ def score(outputs: list[np.ndarray], scenes: list[EvalScene]) -> dict:
     return result
 
 
-def median_tail_cues(scenes: list[EvalScene], draws: int, progress: bool = True) -> dict:
-    """The least cue error a renderer that knows everything in a scene but its late tail's noise can
-    expect, estimated: each room scene rendered with `draws` other tails (with_tail 1..draws), and per
-    frame (and band) the median of their ITDs, ILDs and coherences over the first k draws, k = 1, 2,
-    4, ... draws, scored against the reference (draw 0) on the same subsets as a system. Against an
-    unknown draw, the median is the estimate of least expected absolute error, and the metrics
-    average absolute errors; k = 1 is `another_tail`. At finite k the score over-estimates
-    that least error (E|X - median of k| >= E|X - median|), so it falls as k grows toward it.
-    Anechoic scenes score the reference's own cues (0). Returns {system name: its cue report}."""
+def draw_counts(draws: int) -> list[int]:
+    """1, 2, 4, ... up to `draws` (and `draws` itself)."""
+    return sorted({min(2 ** i, draws) for i in range(int(np.ceil(np.log2(draws))) + 1)})
+
+
+def cue_floor(scenes: list[EvalScene], draws: int, sound: bool = False, jobs: int = 1, progress: bool = True) -> dict:
+    """The least cue error a renderer that knows everything in a scene but its late tail's noise (and,
+    with `sound`, its sources' waveforms: what no picture shows) can expect, bracketed per frame and
+    band by medians over other draws of those (with_draw), scored on the same subsets as a system:
+      * over-estimate: the median cues of k other draws, k = 1, 2, 4, ... draws. Against an unknown
+        draw the median is the estimate of least expected absolute error, and the metrics average
+        absolute errors; at finite k, E|X - median of k| >= E|X - median|, so it falls as k grows
+        (k = 1 is `another_tail`);
+      * lower bound: the median of the reference and those k draws. Of k + 1 exchangeable draws the
+        sample median has the least summed absolute deviation, so E|X_0 - median of k + 1| <=
+        E|X - median|.
+    The metrics score the frames (and bands) where the reference sounds, so both medians are taken
+    over the draws that sound there as well: the distribution given that the frame sounds, of which
+    the reference is one draw.
+    A scene with nothing redrawn (anechoic, without `sound`) scores the reference's own cues (0).
+    Head-turn scenes are skipped. `jobs` processes share the scenes. Returns {name: cue report}."""
     from tqdm import tqdm
 
-    from training.metrics import BinauralCues, binaural_cues
+    from training.scene_cache import process_pool
 
-    counts = sorted({min(2 ** i, draws) for i in range(int(np.ceil(np.log2(draws))) + 1)})
-    found = {k: {name: [] for name in ("in_view", "direct", "onset")} for k in counts}
-    singles = [s for s in scenes if s.kind == "single"]
-    for scene in tqdm(singles, desc="tail draws", disable=not progress):
-        ref = binaural_cues(scene.audio, scene.sample_rate)
-        drawn = ([binaural_cues(with_tail(scene, d), scene.sample_rate) for d in range(1, draws + 1)]
-                 if scene.meta["scene"].get("room") else [ref])
-        for k in counts:
-            use = drawn[:k]
-            median = BinauralCues(ref.times, np.median([c.itd for c in use], axis=0),
-                                  np.median([c.ild for c in use], axis=0), ref.band_power,
-                                  np.median([c.coherence for c in use], axis=0), ref.energy_db, ref.active)
-            for name, row in _cue_subsets(ref, median, scene)[1].items():
-                found[k][name].append(row)
-    return {f"truth, median cues (tail draws: {k})": {"tail_draws": k, **_subset_report(found[k])} for k in counts}
+    counts = draw_counts(draws)
+    estimates = {"over-estimate": "median of the draws", "lower bound": "median of the draws and the reference"}
+    found = {(k, e): {name: [] for name in ("in_view", "direct", "onset")} for k in counts for e in estimates}
+    singles = [dataclasses.replace(s, frames=np.zeros(0, np.uint8)) for s in scenes if s.kind == "single"]
+    with process_pool(jobs) as pool:
+        rows = pool.map(functools.partial(_scene_floor, draws=draws, sound=sound), singles)
+        for per_scene in tqdm(rows, total=len(singles), desc="cue floor", disable=not progress):
+            for key, subsets in per_scene.items():
+                for name, row in subsets.items():
+                    found[key][name].append(row)
+    what = "tail and sound draws" if sound else "tail draws"
+    return {f"truth, {estimates[e]} ({what}: {k}; {e})": {"draws": k, "sound_redrawn": sound, "estimate": e,
+                                                          **_subset_report(found[k, e])}
+            for k in counts for e in estimates}
+
+
+def _scene_floor(scene: EvalScene, draws: int, sound: bool) -> dict:
+    """cue_floor's rows of one scene: {(k, estimate): {subset: (acoustics, errors)}}."""
+    from training.metrics import SILENCE_DB, BinauralCues, binaural_cues
+
+    ref = binaural_cues(scene.audio, scene.sample_rate)
+    redrawn = sound or bool(scene.meta["scene"].get("room"))
+    drawn = ([binaural_cues(with_draw(scene, d, d if sound else 0), scene.sample_rate) for d in range(1, draws + 1)]
+             if redrawn else [ref])
+
+    def median(use: list) -> BinauralCues:
+        # the metrics score the frames (and bands) where the reference sounds, so the median is taken over
+        # the draws that sound there too: another waveform may be silent where the reference is not, and a
+        # silent frame's GCC-PHAT lag is rounding noise
+        active = np.array([c.active for c in use])
+        loud = np.array([c.band_power > c.band_power.max() * 10 ** (-SILENCE_DB / 10) for c in use])
+        return BinauralCues(ref.times, _median_where([c.itd for c in use], active),
+                            _median_where([c.ild for c in use], loud), ref.band_power,
+                            _median_where([c.coherence for c in use], active), ref.energy_db, ref.active)
+
+    return {(k, e): _cue_subsets(ref, median(use), scene)[1]
+            for k in draw_counts(draws)
+            for e, use in (("over-estimate", drawn[:k]), ("lower bound", [ref] + drawn[:k]))}
+
+
+def _median_where(values: list[np.ndarray], where: np.ndarray) -> np.ndarray:
+    """Median over the first axis of the entries `where` is True; over all of them where none is."""
+    values = np.asarray(values, dtype=np.float64)
+    where = where | ~where.any(axis=0, keepdims=True)
+    return np.nanmedian(np.where(where, values, np.nan), axis=0)
 
 
 def lateral_track(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,11 +344,13 @@ def new_report(scenes: list[EvalScene], hop_latents: int) -> dict:
 def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralModel | None = None,
              mono: BinauralModel | None = None, teacher_scenes: int | None = None, hop_latents: int = 4,
              plot: Path | None = None, seam_seconds: float = 60.0, baseline_steps: int | None = 10,
-             progress: bool = True, engines: dict | None = None, tail_draws: int = 0) -> dict:
+             progress: bool = True, engines: dict | None = None, tail_draws: int = 0, redraw_sound: bool = False,
+             jobs: int = 1) -> dict:
     """Score the model, its teacher (on the first `teacher_scenes` single scenes + all head turns), the
     baselines (the mono model sampled with `baseline_steps` Euler steps and its CFG) and `engines`
     ({name: opened engine}, e.g. an fp32 and an int8 export), and with `tail_draws` the cue floor
-    (median_tail_cues); optionally plot the first head-turn scene."""
+    (cue_floor over that many draws, the sources' waveforms too with `redraw_sound`, in `jobs`
+    processes); optionally plot the first head-turn scene."""
     report = new_report(scenes, hop_latents)
     outputs = {}
     with torch.no_grad():  # the ceiling: the ground truth through the VAE (encode -> streaming decode)
@@ -309,7 +358,7 @@ def evaluate(model: BinauralModel, scenes: list[EvalScene], teacher: BinauralMod
     report["systems"]["VAE re-encoded truth"] = score(recon, scenes)
     report["systems"]["truth, another late tail"] = score(another_tail(scenes), scenes)
     if tail_draws:
-        report["systems"].update(median_tail_cues(scenes, tail_draws, progress))
+        report["systems"].update(cue_floor(scenes, tail_draws, redraw_sound, jobs, progress))
     out = run_model(model, scenes, hop_latents, progress=progress)
     report["systems"][model.role] = {"evaluations_per_hop": model.sampler.evaluations, **score(out, scenes)}
     outputs[model.role] = out

@@ -36,6 +36,7 @@ ATTACK_SECONDS, RELEASE_SECONDS = 0.005, 0.030
 FLASH_SECONDS = 0.12  # on-screen flash after an event onset
 CAMERA_HEIGHT = 1.6  # m above the ground plane drawn in the video
 TAIL_STREAM = 1_000_003  # the late tail's random stream of a scene's seed (plus render_audio's tail_draw)
+SOUND_STREAM = 2_000_003  # a source's waveform stream for render_audio's sound_draw > 0 (draw 0: [seed, index])
 DIFFUSE_DIRECTIONS = 256  # plane waves of the tail; from 64 to 256 no band's coherence moved by more than 0.07
 
 
@@ -98,11 +99,12 @@ def _user_sound(path: str, n: int, sr: int) -> np.ndarray:
     return mono * (REFERENCE_RMS / np.sqrt(np.mean(mono ** 2)))
 
 
-def dry_signal(spec: SceneSpec, index: int) -> np.ndarray:
-    """A source's mono sound at 1 m, gated by its events, with its gain applied."""
+def dry_signal(spec: SceneSpec, index: int, sound_draw: int = 0) -> np.ndarray:
+    """A source's mono sound at 1 m, gated by its events, with its gain applied. sound_draw > 0 draws
+    another waveform of the same kind, events and gain (another instance: what a picture cannot show)."""
     src = spec.sources[index]
     sr, n = spec.sample_rate, int(round(spec.duration * spec.sample_rate))
-    rng = np.random.default_rng([spec.seed, index])
+    rng = np.random.default_rng([spec.seed, index] + ([SOUND_STREAM + sound_draw] if sound_draw else []))
     if src.wav is not None:
         sound = _user_sound(src.wav, n, sr)
     elif src.events is None:
@@ -248,10 +250,10 @@ def late_reverb(dry_sum: np.ndarray, room: Room, hrtf: HrtfSet, rng: np.random.G
     return signal.fftconvolve(dry_sum[None, :], tail, axes=-1)[:, : len(dry_sum)]
 
 
-def render_audio(spec: SceneSpec, hrtf: HrtfSet | None = None, tail_draw: int = 0) -> np.ndarray:
+def render_audio(spec: SceneSpec, hrtf: HrtfSet | None = None, tail_draw: int = 0, sound_draw: int = 0) -> np.ndarray:
     """Ground-truth binaural audio (2, N) float64 of a scene (before the mix gain); see
-    render_audio_and_levels for tail_draw."""
-    return render_audio_and_levels(spec, hrtf, tail_draw)[0]
+    render_audio_and_levels for tail_draw and sound_draw."""
+    return render_audio_and_levels(spec, hrtf, tail_draw, sound_draw)[0]
 
 
 def frame_levels_db(direct: np.ndarray, sample_rate: int, fps: float, count: int) -> np.ndarray:
@@ -261,13 +263,15 @@ def frame_levels_db(direct: np.ndarray, sample_rate: int, fps: float, count: int
     return 10 * np.log10(np.maximum(power, 1e-20))
 
 
-def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None,
-                            tail_draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None, tail_draw: int = 0,
+                            sound_draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(binaural audio (2, N), each source's direct-sound level at the ears per video frame (S, F) dB).
 
     A room's late tail is random noise (a diffuse field); tail_draw picks its draw. Draw 0 is the
     scene's own; another draw is the same room, sources and reflections with a tail nobody could have
-    predicted from the scene (`visaudio eval` scores it: the floor of any renderer's cue errors)."""
+    predicted from the scene. sound_draw likewise picks the sources' waveforms (dry_signal): the same
+    kinds, events and paths, other instances. `visaudio eval` scores such draws: the floor of any
+    renderer's cue errors."""
     hrtf = hrtf or load_hrtf(spec.hrtf, spec.sample_rate)
     sr = spec.sample_rate
     n = int(round(spec.duration * sr))
@@ -279,7 +283,7 @@ def render_audio_and_levels(spec: SceneSpec, hrtf: HrtfSet | None = None,
     levels = np.zeros((len(spec.sources), frame_count))
     dry_sum = np.zeros(n)
     for i, src in enumerate(spec.sources):
-        dry = dry_signal(spec, i)
+        dry = dry_signal(spec, i, sound_draw)
         positions = source_positions(src, boundary_times)
         direct = render_path(dry, positions, pose, hrtf, block)
         levels[i] = frame_levels_db(direct, sr, spec.fps, frame_count)

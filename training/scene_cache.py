@@ -82,9 +82,7 @@ def build_cache(out: Path | str, count: int, seed: int = 1_000_000, seconds: flo
     seen = np.zeros((count, nf), bool)
     np.save(out / "pose_known.npy", np.ones(count, bool))
     jobs_args = [(seed + i, seconds, size) for i in range(count)]
-    # concurrent.futures rather than multiprocessing.Pool: a worker that dies, or whose exception
-    # cannot be unpickled here, raises BrokenProcessPool instead of leaving Pool.imap waiting forever.
-    with (ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Serial()) as pool:
+    with process_pool(jobs) as pool:
         results = pool.map(_render, jobs_args, chunksize=4)
         for i, (fr, po, au, vd) in enumerate(tqdm(results, total=count, desc="scenes", disable=not progress)):
             frames[i], pose[i], audio[i], seen[i] = fr, po, au, vd
@@ -152,6 +150,14 @@ def load_cache(path: Path | str) -> SceneCache:
     if set(counts.values()) != {index["count"]}:
         raise ValueError(f"{path}: arrays disagree on the clip count {counts} (index says {index['count']})")
     return SceneCache(**arrays, fps=float(index["fps"]), sample_rate=int(index["sample_rate"]))
+
+
+def process_pool(jobs: int):
+    """`jobs` spawned worker processes (an executor), or for one job a stand-in with its map. Spawned:
+    a forked copy of a process holding torch's threads can deadlock. concurrent.futures rather than
+    multiprocessing.Pool: a worker that dies, or whose exception cannot be unpickled here, raises
+    BrokenProcessPool instead of leaving Pool.imap waiting forever."""
+    return ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _Serial()
 
 
 class _Serial:

@@ -473,17 +473,19 @@ def _load(path):
 
 def cmd_eval(args) -> int:
     from engine.model import DEFAULT_CHECKPOINT
-    from training.evaluate import eval_scenes, format_report, median_tail_cues, new_report, save_report
+    from training.evaluate import cue_floor, eval_scenes, format_report, new_report, save_report
 
     _threads(args)
     if args.tail_draws < 0:
         return _fail(f"--tail-draws: {args.tail_draws} other draws of the tail; give 0 (none) or more")
+    if args.jobs < 1:
+        return _fail(f"--jobs: {args.jobs} processes; give 1 or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.floor_only:
         scenes = eval_scenes(args.scenes, args.seed, head_turns=0)
         report = new_report(scenes, args.hop)
-        report["systems"].update(median_tail_cues(scenes, args.tail_draws or 1))
+        report["systems"].update(cue_floor(scenes, args.tail_draws or 1, args.redraw_sound, args.jobs))
     else:
         report = _evaluate_models(args, out)
         if isinstance(report, int):
@@ -521,7 +523,8 @@ def _evaluate_models(args, out: Path) -> dict | int:
         return _fail(str(exc))
     scenes = eval_scenes(args.scenes, args.seed, args.head_turns)
     return evaluate(model, scenes, teacher, mono, args.teacher_scenes, args.hop, out / "head_turn.png",
-                    args.seam_seconds, args.baseline_steps, engines=engines, tail_draws=args.tail_draws)
+                    args.seam_seconds, args.baseline_steps, engines=engines, tail_draws=args.tail_draws,
+                    redraw_sound=args.redraw_sound, jobs=args.jobs)
 
 
 def cmd_pack(args) -> int:
@@ -836,8 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                "each at its own hop) on the same scenes")
     p.add_argument("--tail-draws", type=int, default=0,
                    help="also score the cue floor: per frame, the median cues of 1, 2, 4, ... this many other draws of "
-                        "each room's late tail (the least cue error a renderer can expect without the tail's noise)")
+                        "each room's late tail, alone (an over-estimate) and with the reference (a lower bound) of the "
+                        "least cue error a renderer can expect without the tail's noise")
+    p.add_argument("--redraw-sound", action="store_true",
+                   help="the floor's draws also draw the sources' waveforms again (same kinds and events, every scene): "
+                        "the floor of a renderer that knows neither the tail's noise nor the exact sound")
     p.add_argument("--floor-only", action="store_true", help="score only that floor (no model; head turns skipped)")
+    p.add_argument("--jobs", type=int, default=1, help="processes that render the floor's draws (default 1)")
     p.add_argument("--out", default="out/eval")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int)
