@@ -37,10 +37,9 @@ Reported per system:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +256,7 @@ def cue_floor(scenes: list[EvalScene], draws: int, sound: bool = False, jobs: in
     counts = draw_counts(draws)
     estimates = {"over-estimate": "median of the draws", "lower bound": "median of the draws and the reference"}
     found = {(k, e): {name: [] for name in ("in_view", "direct", "onset")} for k in counts for e in estimates}
-    singles = [dataclasses.replace(s, frames=np.zeros(0, np.uint8)) for s in scenes if s.kind == "single"]
+    singles = [replace(s, frames=np.zeros(0, np.uint8)) for s in scenes if s.kind == "single"]
     with process_pool(jobs) as pool:
         rows = pool.map(functools.partial(_scene_floor, draws=draws, sound=sound), singles)
         for per_scene in tqdm(rows, total=len(singles), desc="cue floor", disable=not progress):
